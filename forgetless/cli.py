@@ -1,0 +1,252 @@
+"""The ``forgetless`` command: subcommands map to plain functions of the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from forgetless import __version__
+from forgetless.errors import UserError
+
+DESCRIPTION = """\
+Fine-tune Hugging Face causal language models without catastrophic forgetting, and prove it:
+every run scores what the model must learn and what it must keep, before and after.
+"""
+
+EPILOG = """\
+examples:
+  forgetless demo                                   # offline: watch a small model forget
+  forgetless train run.yaml                         # fine-tune per a YAML config
+  forgetless train run.yaml train.lr=1e-4 output.dir=runs/lr1e-4
+  forgetless train data.train=train.jsonl data.keep.general=wiki.jsonl model.name_or_path=Qwen/Qwen2.5-0.5B
+  forgetless train run.yaml --nproc 2               # 2 processes (torchrun), same global batch
+  forgetless eval runs/my-run --data old=old.jsonl --data new=new.jsonl
+  forgetless config --markdown                      # every config key, its default and meaning
+
+Data: .jsonl/.json/.csv/.parquet/.txt files or hub dataset ids, with records
+{"text"}, {"prompt", "completion"} or {"messages": [{"role", "content"}, ...]}.
+"""
+
+
+def _split_config_and_overrides(items: list[str]) -> tuple[Optional[str], list[str]]:
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from forgetless.config import load_config
+    from forgetless.recipes.finetune import train
+    from forgetless.rundir import print_summary, summary_rows
+
+    config, overrides = _split_config_and_overrides(args.config_and_overrides)
+    if args.output_dir:
+        overrides.append(f"output.dir={args.output_dir}")
+    if args.overwrite:
+        overrides.append("output.overwrite=true")
+    if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        cfg = load_config(config, overrides)  # validate before starting processes
+        return _relaunch(args.nproc, args.argv)
+    cfg = load_config(config, overrides)
+    result = train(cfg)
+    if _is_main():
+        print_summary(summary_rows(result.before, result.after, result.roles), result.train, title=f"run {result.run_dir}")
+        print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def _relaunch(nproc: int, argv: list[str]) -> int:
+    """Run this same command under torchrun with ``nproc`` processes (gloo on CPU)."""
+    clean, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            clean.append(a)
+    env = dict(os.environ)
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # single-node runs talk over loopback
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "forgetless.cli", *clean]
+    return subprocess.call(cmd, env=env)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from forgetless.eval.run import evaluate
+    from forgetless.models.loading import resolve_model_dir
+
+    data = {}
+    for item in args.data:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--data {item!r}: expected NAME=PATH, e.g. --data old=old.jsonl")
+        if name in data:
+            raise UserError(f"--data {name}: the name is given twice; use distinct names")
+        data[name] = path
+    results = evaluate(
+        args.model,
+        data,
+        batch_size=args.batch_size,
+        max_examples=args.max_examples,
+        generation=not args.no_generation,
+        max_new_tokens=args.max_new_tokens,
+        max_length=args.max_length,
+        chat_template=args.chat_template,
+        trust_remote_code=args.trust_remote_code,
+        progress=True,
+    )
+    _print_scores(results, title=f"eval {args.model}")
+    out = Path(args.output) if args.output else (Path(args.model) / "eval.json" if resolve_model_dir(args.model) != args.model else Path("eval.json"))
+    out.write_text(json.dumps({"model": args.model, "results": results}, indent=2), encoding="utf-8")
+    print(f"scores written to {out}")
+    return 0
+
+
+def _print_scores(results: dict, title: str) -> None:
+    from rich.table import Table
+
+    from forgetless.progress import console
+
+    table = Table(title=title, title_justify="left")
+    for col in ("set", "examples", "loss", "perplexity", "token acc", "exact match"):
+        table.add_column(col)
+    fmt = lambda r, k: f"{r[k]:.4f}" if k in r else "-"  # noqa: E731
+    for name, r in results.items():
+        table.add_row(name, str(r["examples"]), fmt(r, "loss"), fmt(r, "perplexity"), fmt(r, "token_accuracy"), fmt(r, "exact_match"))
+    console.print(table)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from forgetless.demo.run import run_demo
+
+    run_demo(Path(args.output_dir), overwrite=args.overwrite, quick=args.quick)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from forgetless.config import load_config, reference_markdown, to_dict
+
+    if args.markdown:
+        print(reference_markdown(), end="")
+        return 0
+    config, overrides = _split_config_and_overrides(args.config_and_overrides)
+    cfg = load_config(config, overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forgetless", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"forgetless {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model; scores what it learns and what it forgets",
+        description="Fine-tune a causal LM per a YAML config and key=value overrides. Every eval and keep set is "
+        "scored before the first step and at the end; the run directory gets config.yaml, metrics.jsonl, "
+        "model/ (safetensors + tokenizer) and summary.{json,md}. Keys: `forgetless config --markdown`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  forgetless train run.yaml train.lr=1e-4 train.epochs=2 data.keep.general=general.jsonl",
+    )
+    p.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="a YAML config and/or overrides such as train.lr=1e-4")
+    p.add_argument("--output-dir", "-o", help="run directory (same as output.dir=...)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--nproc", type=int, default=None, help="processes to train with (launches torchrun; CPU uses gloo)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="score a model or run on datasets (loss, perplexity, token accuracy, exact match)",
+        description="Score a run directory, a model directory, a hub id or 'tiny' on named datasets. Prints a table "
+        "and writes JSON (to RUN/eval.json for a run directory, else ./eval.json).",
+    )
+    p.add_argument("model", metavar="MODEL_OR_RUN", help="run directory, model directory, hub id, or 'tiny'")
+    p.add_argument("--data", "-d", action="append", required=True, metavar="NAME=PATH", help="a dataset to score (repeatable); PATH as in data.train, e.g. demo:capitals")
+    p.add_argument("--output", help="where to write the JSON scores")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    p.add_argument("--max-examples", type=int, default=None, help="score only the first N records of each set")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest generation for exact match (default 32)")
+    p.add_argument("--max-length", type=int, default=1024, help="truncate sequences to this many tokens (default 1024)")
+    p.add_argument("--no-generation", action="store_true", help="skip greedy decoding and exact match")
+    p.add_argument("--chat-template", default=None, help="chat template for 'messages' data when the tokenizer has none ('chatml' or Jinja)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "demo",
+        help="offline demo: a small model learns facts, then forgets them when fine-tuned on new ones",
+        description="Builds a tiny Llama, teaches it world capitals (shipped data), fine-tunes it on chemical "
+        "element symbols with plain full fine-tuning, and shows old- and new-task scores before and after. "
+        "Offline, a few minutes on 2 CPU cores. Writes report.md, report.html and results.json.",
+    )
+    p.add_argument("--output-dir", "-o", default="runs/demo", help="where the demo writes its runs and report (default runs/demo)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in that directory")
+    p.add_argument("--quick", action="store_true", help="a shorter run (used by the tests); forgetting is smaller")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "config",
+        help="show the resolved config of a YAML + overrides, or the reference of every key",
+        description="Validate a config and print it fully resolved, or print the reference of every key.",
+    )
+    p.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    p.add_argument("--markdown", action="store_true", help="print the reference of every config key as markdown")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except UserError as e:
+        if _is_main():
+            print(f"forgetless: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("forgetless: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

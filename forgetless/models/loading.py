@@ -1,0 +1,108 @@
+"""Loading models and tokenizers: the built-in tiny model, a local directory, or a hub id.
+
+All loading goes through ``transformers.AutoModelForCausalLM`` / ``AutoTokenizer`` (and PEFT for
+adapter directories); this module only decides *what* to load and turns failures into one-line
+:class:`UserError` messages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from forgetless.config import ModelConfig
+from forgetless.errors import UserError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def resolve_model_dir(name_or_path: str) -> str:
+    """A run directory points at its ``model/`` folder; anything else is returned unchanged."""
+    p = Path(name_or_path)
+    if (p / "model").is_dir() and (p / "config.yaml").is_file():
+        return str(p / "model")
+    return name_or_path
+
+
+def _check_local(name: str) -> Optional[Path]:
+    """The local directory ``name`` names, None for a hub id, or a UserError if it is missing."""
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise UserError(f"model {name!r}: is a file, not a model directory; give the folder holding config.json")
+    # "org/name" is a hub id; anything more path-like that does not exist is a typo.
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"model {name!r}: directory not found; check the path, or give a hub id like 'org/name'")
+    return None
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer of ``cfg``, with a pad token."""
+    from transformers import AutoTokenizer
+
+    if cfg.name_or_path == "tiny":
+        from forgetless.models.tiny import load_tiny_tokenizer
+
+        tok = load_tiny_tokenizer()
+    else:
+        name = resolve_model_dir(cfg.name_or_path)
+        local = _check_local(name)
+        try:
+            tok = AutoTokenizer.from_pretrained(
+                str(local or name),
+                revision=cfg.revision,
+                trust_remote_code=cfg.trust_remote_code,
+                local_files_only=local is not None,
+            )
+        except (OSError, ValueError) as e:
+            raise UserError(f"model {name!r}: could not load its tokenizer ({_first_line(e)}); check the id or path, and the network for hub ids") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, tokenizer, seed: int = 0):
+    """The causal LM of ``cfg``. A PEFT adapter directory loads onto its base model."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.name_or_path == "tiny":
+        from forgetless.models.tiny import build_tiny_model
+
+        model = build_tiny_model(cfg.tiny, tokenizer, seed)
+        return model.to(_DTYPES[cfg.dtype]) if cfg.dtype != "auto" else model
+    name = resolve_model_dir(cfg.name_or_path)
+    local = _check_local(name)
+    if local is not None and (local / "adapter_config.json").is_file():
+        return _load_adapter(local, cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(local or name),
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=_DTYPES[cfg.dtype],
+            local_files_only=local is not None,
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"model {name!r}: could not load it ({_first_line(e)}); check the id or path, and the network for hub ids") from None
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _load_adapter(path: Path, cfg: ModelConfig):
+    """Load a PEFT adapter saved by forgetless (or PEFT) together with its base model."""
+    from peft import PeftConfig, PeftModel
+
+    peft_cfg = PeftConfig.from_pretrained(str(path))
+    base_name = peft_cfg.base_model_name_or_path
+    base_cfg = ModelConfig(name_or_path=base_name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
+    base = load_model(base_cfg, load_tokenizer(base_cfg))
+    return PeftModel.from_pretrained(base, str(path))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__

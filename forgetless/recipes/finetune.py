@@ -1,0 +1,331 @@
+"""The fine-tuning recipe: one readable loop on HF accelerate.
+
+    setup()   -> model, tokenizer, data, optimiser, schedule, run directory
+    evaluate  -> every eval and keep set, before the first step
+    train     -> steps of gradient accumulation with token-level loss normalisation
+    evaluate  -> every set again; the summary says what was learned and what was forgotten
+    save      -> weights (safetensors), tokenizer, config, metrics, summary
+
+Loss normalisation: the loss of an optimiser step is the sum of the token losses of the whole
+global batch (all micro-batches on all processes) divided by its number of target tokens. Each
+micro-batch therefore contributes ``sum_of_its_token_losses * world_size / global_targets``
+(DDP averages gradients over processes, hence the ``world_size``). A mean of micro-batch means
+would weight short sequences more than long ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from forgetless.config import RunConfig, save_config, to_dict
+from forgetless.data.batching import GlobalBatches, chunks, collate, count_targets, shard
+from forgetless.data.formats import EncodeStats, Encoder, Example
+from forgetless.data.loading import load_records
+from forgetless.errors import ConfigError, UserError
+from forgetless.eval.scoring import score_examples
+from forgetless.loss import token_cross_entropy
+from forgetless.models import load_model, load_tokenizer
+from forgetless.progress import TrainProgress, eval_progress
+from forgetless.rundir import prepare_run_dir, write_summary
+
+
+@dataclass
+class EvalSet:
+    name: str
+    role: str  # "new" (the task being learned) or "keep" (what must not be forgotten)
+    examples: list[Example]
+    stats: EncodeStats
+
+
+@dataclass
+class RunResult:
+    """What a run returns to Python callers (the CLI prints and saves the same)."""
+
+    run_dir: Path
+    before: dict[str, dict[str, float]]
+    after: dict[str, dict[str, float]]
+    roles: dict[str, str]
+    train: dict[str, Any]
+    data: dict[str, Any]
+    model: Any = field(repr=False, default=None)
+    tokenizer: Any = field(repr=False, default=None)
+
+
+def encode_dataset(encoder: Encoder, specs) -> tuple[list[Example], EncodeStats]:
+    """Load and tokenize one or several datasets (concatenated)."""
+    examples: list[Example] = []
+    total = EncodeStats()
+    for spec in specs:
+        exs, stats = encoder.encode_all(load_records(spec), spec.format)
+        if not exs:
+            raise UserError(
+                f"{spec.path}: no usable records after tokenization ({stats.dropped_too_long} too long, "
+                f"{stats.dropped_no_target} with no target tokens); raise data.max_length or check the data"
+            )
+        examples += exs
+        for k in ("records", "kept", "truncated", "dropped_too_long", "dropped_no_target"):
+            setattr(total, k, getattr(total, k) + getattr(stats, k))
+        for fmt, n in stats.formats.items():
+            total.formats[fmt] = total.formats.get(fmt, 0) + n
+    return examples, total
+
+
+def prepare_data(cfg: RunConfig, tokenizer) -> tuple[list[Example], EncodeStats, list[EvalSet]]:
+    """Training examples and the named evaluation sets, each capped at eval.max_examples."""
+    encoder = Encoder(tokenizer, cfg.data)
+    train, train_stats = encode_dataset(encoder, cfg.data.train)
+    cap = cfg.eval.max_examples
+    eval_sets: list[EvalSet] = []
+    if not cfg.data.eval:
+        if cfg.data.eval_holdout:
+            if cfg.data.eval_holdout >= len(train):
+                raise ConfigError(f"data.eval_holdout ({cfg.data.eval_holdout}) must be smaller than the training set ({len(train)} examples)")
+            g = torch.Generator().manual_seed(cfg.train.seed)
+            order = torch.randperm(len(train), generator=g).tolist()
+            held = set(order[: cfg.data.eval_holdout])
+            eval_sets.append(EvalSet("task", "new", [train[i] for i in sorted(held)][:cap], EncodeStats()))
+            train = [e for i, e in enumerate(train) if i not in held]
+        else:
+            eval_sets.append(EvalSet("task", "new", train[:cap], EncodeStats()))
+    for role, group in (("new", cfg.data.eval), ("keep", cfg.data.keep)):
+        for name, spec in group.items():
+            exs, stats = encode_dataset(encoder, [spec])
+            eval_sets.append(EvalSet(name, role, exs[:cap], stats))
+    return train, train_stats, eval_sets
+
+
+def build_optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; no weight decay on biases, norms and embeddings' 1-d params."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    t = cfg.train
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+
+
+def build_scheduler(optimizer, cfg: RunConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else int(cfg.train.warmup_ratio * total_steps)
+    return get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def _mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _trackers(cfg: RunConfig) -> list[str]:
+    wanted = []
+    for name, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if getattr(cfg.output, name):
+            try:
+                __import__(module)
+            except ImportError:
+                raise UserError(f"output.{name}=true needs the {module} package: pip install {module}") from None
+            wanted.append(name)
+    return wanted
+
+
+def evaluate_sets(model, tokenizer, eval_sets: list[EvalSet], cfg: RunConfig, accelerator, label: str) -> dict[str, dict[str, float]]:
+    """Score every set; identical numbers on every process."""
+    results = {}
+    show = cfg.output.progress and accelerator.is_main_process
+    unwrapped = accelerator.unwrap_model(model)
+    for s in eval_sets:
+        with eval_progress(math.ceil(len(s.examples) / accelerator.num_processes), f"eval {label}: {s.name}", show) as advance:
+            results[s.name] = score_examples(
+                unwrapped,
+                s.examples,
+                tokenizer,
+                batch_size=cfg.eval.batch_size,
+                generation=cfg.eval.generation,
+                max_new_tokens=cfg.eval.max_new_tokens,
+                rank=accelerator.process_index,
+                world_size=accelerator.num_processes,
+                reduce=(lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None,
+                device=accelerator.device,
+                on_batch=advance,
+            )
+    return results
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def train(cfg: RunConfig) -> RunResult:
+    """Fine-tune per ``cfg``; returns before/after scores and writes the run directory."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cfg.validate()
+    trackers = _trackers(cfg)
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(cfg.train.mixed_precision),
+        log_with=trackers or None,
+        project_dir=cfg.output.dir,
+    )
+    try:
+        return _run(cfg, accelerator, trackers, set_seed)
+    finally:
+        accelerator.end_training()  # also destroys the process group, so multi-process runs exit cleanly
+
+
+def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResult:
+    set_seed(cfg.train.seed)
+    main = accelerator.is_main_process
+    t = cfg.train
+
+    # Everything that can fail on user input happens before the run directory is touched.
+    tokenizer = load_tokenizer(cfg.model)
+    train_examples, train_stats, eval_sets = prepare_data(cfg, tokenizer)
+    model = load_model(cfg.model, tokenizer, seed=t.seed)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and cfg.data.max_length > context:
+        raise ConfigError(f"data.max_length ({cfg.data.max_length}) exceeds the model's context ({context}); set data.max_length<={context}")
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    run_dir = prepare_run_dir(Path(cfg.output.dir), cfg.output.overwrite, is_main=main)
+    accelerator.wait_for_everyone()
+
+    world = accelerator.num_processes
+    global_batch = t.micro_batch_size * t.grad_accum_steps * world
+    batches = GlobalBatches(len(train_examples), global_batch, t.seed)
+    total_steps = t.max_steps or batches.steps_for_epochs(t.epochs)
+    trainable, total_params = count_parameters(model)
+    if trainable == 0:
+        raise ConfigError("no trainable parameters: the configuration froze the whole model")
+
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if main:
+        save_config(cfg, run_dir / "config.yaml")
+    if trackers:
+        accelerator.init_trackers(cfg.output.wandb_project if "wandb" in trackers else "tensorboard", config=_flat(to_dict(cfg)))
+    metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None
+
+    def log(record: dict) -> None:
+        if metrics_file:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        if trackers:
+            flat = {k: v for k, v in _flat(record).items() if isinstance(v, (int, float)) and k != "step"}
+            accelerator.log(flat, step=record["step"])
+
+    roles = {s.name: s.role for s in eval_sets}
+    before = evaluate_sets(model, tokenizer, eval_sets, cfg, accelerator, "before") if cfg.eval.before else {}
+    if before:
+        log({"step": 0, "eval": before})
+
+    model.train()
+    started = time.perf_counter()
+    window_tokens, window_start = 0, started
+    tokens_seen, last_loss = 0, float("nan")
+    with TrainProgress(total_steps, enabled=cfg.output.progress and main) as progress:
+        for step in range(total_steps):
+            mine = shard(batches.indices(step), accelerator.process_index, world)
+            micro = [collate([train_examples[i] for i in ids], tokenizer.pad_token_id) for ids in chunks(mine, t.micro_batch_size)]
+            local_targets = sum(count_targets(b["labels"]) for b in micro)
+            global_targets = int(_reduce_sum(accelerator, torch.tensor([local_targets], dtype=torch.float64)).item())
+            scale = world / max(global_targets, 1)
+            loss_sum_local = torch.zeros((), dtype=torch.float64)
+            for i, b in enumerate(micro):
+                sync = i == len(micro) - 1
+                with accelerator.no_sync(model) if not sync else nullcontext():
+                    b = {k: v.to(accelerator.device) for k, v in b.items()}
+                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                    loss_sum, _ = token_cross_entropy(logits, b["labels"])
+                    accelerator.backward(loss_sum * scale)
+                loss_sum_local += loss_sum.detach().double().cpu()
+            grad_norm = None
+            if t.max_grad_norm is not None:
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            loss_total = float(_reduce_sum(accelerator, loss_sum_local.reshape(1)).item())
+            last_loss = loss_total / max(global_targets, 1)
+            step_tokens = int(_reduce_sum(accelerator, torch.tensor([sum(int(b["attention_mask"].sum()) for b in micro)], dtype=torch.float64)).item())
+            tokens_seen += step_tokens
+            window_tokens += step_tokens
+            now = time.perf_counter()
+            tps = window_tokens / max(now - window_start, 1e-9)
+            lr = scheduler.get_last_lr()[0]
+            progress.update(step + 1, last_loss, lr, tps)
+            if (step + 1) % cfg.output.log_every == 0 or step + 1 == total_steps:
+                record = {
+                    "step": step + 1,
+                    "epoch": round(batches.epoch_at(step + 1), 4),
+                    "loss": last_loss,
+                    "lr": lr,
+                    "target_tokens": global_targets,
+                    "tokens_per_s": round(tps, 1),
+                    "elapsed_s": round(now - started, 3),
+                }
+                if grad_norm is not None:
+                    record["grad_norm"] = grad_norm
+                log(record)
+                window_tokens, window_start = 0, now
+            if cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0 and step + 1 < total_steps:
+                log({"step": step + 1, "eval": evaluate_sets(model, tokenizer, eval_sets, cfg, accelerator, f"step {step + 1}")})
+                window_start = time.perf_counter()
+    train_time = time.perf_counter() - started
+
+    after = evaluate_sets(model, tokenizer, eval_sets, cfg, accelerator, "after")
+    log({"step": total_steps, "eval": after})
+    unwrapped = accelerator.unwrap_model(model)
+    train_info = {
+        "steps": total_steps,
+        "global_batch": global_batch,
+        "processes": world,
+        "tokens": tokens_seen,
+        "final_loss": last_loss,
+        "train_time_s": round(train_time, 2),
+        "tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
+        "trainable_params": trainable,
+        "total_params": total_params,
+    }
+    data_info = {"train": vars(train_stats), **{s.name: {"role": s.role, "examples": len(s.examples)} for s in eval_sets}}
+    if main:
+        if cfg.output.save_model:
+            unwrapped.save_pretrained(str(run_dir / "model"), safe_serialization=True)
+            tokenizer.save_pretrained(str(run_dir / "model"))
+        write_summary(run_dir, before, after, roles, train_info, data_info)
+    if metrics_file:
+        metrics_file.close()
+    accelerator.wait_for_everyone()
+    return RunResult(run_dir, before, after, roles, train_info, data_info, model=unwrapped, tokenizer=tokenizer)
+
+
+def _reduce_sum(accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    if accelerator.num_processes == 1:
+        return tensor
+    return accelerator.reduce(tensor.to(accelerator.device), "sum").cpu()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "/"))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out
+
