@@ -125,7 +125,7 @@ def _print_scores(results: dict, title: str) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from forgetless.demo.run import run_demo
 
-    run_demo(Path(args.output_dir), overwrite=args.overwrite, quick=args.quick)
+    run_demo(Path(args.output_dir), overwrite=args.overwrite)
     return 0
 
 
@@ -192,7 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output-dir", "-o", default="runs/demo", help="where the demo writes its runs and report (default runs/demo)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in that directory")
-    p.add_argument("--quick", action="store_true", help="a shorter run (used by the tests); forgetting is smaller")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(

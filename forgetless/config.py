@@ -69,8 +69,8 @@ class ModelConfig:
     trust_remote_code: bool = _f(False, "Allow the model's own Python code from the hub. Off unless you set it.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
         "float32",
-        "Dtype of the weights. 'auto' keeps the checkpoint's dtype. Training keeps float32 master "
-        "weights; use train.mixed_precision for bf16 compute.",
+        "Dtype the weights are loaded and trained in; 'auto' keeps the checkpoint's. float32 with "
+        "train.mixed_precision=bf16 is the usual mixed-precision setup; bfloat16 trains in pure bf16.",
     )
     tiny: TinyModelConfig = _f(factory=TinyModelConfig, help="Shape of the built-in tiny model.")
 

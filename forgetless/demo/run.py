@@ -18,7 +18,6 @@ import io
 import json
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from forgetless.config import load_config
@@ -28,16 +27,9 @@ from forgetless.progress import console
 MODEL_SHAPE = ["model.tiny.hidden_size=256", "model.tiny.intermediate_size=682", "model.tiny.num_layers=2"]
 
 
-@dataclass(frozen=True)
-class Schedule:
-    base_epochs: float
-    base_lr: float
-    finetune_epochs: float
-    finetune_lr: float
-
-
-FULL = Schedule(base_epochs=40, base_lr=2e-3, finetune_epochs=20, finetune_lr=1e-3)
-QUICK = Schedule(base_epochs=20, base_lr=3e-3, finetune_epochs=8, finetune_lr=2e-3)
+# Found by a small sweep: the base model recalls ~99% of the capitals after 40 epochs.
+BASE_TRAINING = ["train.epochs=40", "train.lr=2e-3"]
+FINETUNING = ["train.epochs=20", "train.lr=1e-3"]
 
 # Strategies compared on the same base model, data and seed: name -> config overrides.
 STRATEGIES: dict[str, list[str]] = {
@@ -59,11 +51,10 @@ def _common(out: Path, name: str) -> list[str]:
     ]
 
 
-def run_demo(out: Path, overwrite: bool = False, quick: bool = False) -> dict:
+def run_demo(out: Path, overwrite: bool = False) -> dict:
     """Run the demo into ``out``; returns what results.json holds."""
     import forgetless
 
-    schedule = QUICK if quick else FULL
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"{out}: already holds files; pass --overwrite to replace the demo, or choose another --output-dir")
@@ -77,7 +68,7 @@ def run_demo(out: Path, overwrite: bool = False, quick: bool = False) -> dict:
     base_cfg = load_config(None, [
         "model.name_or_path=tiny", *MODEL_SHAPE, *_common(out, "base"),
         "data.train=demo:capitals", "data.eval.capitals=demo:capitals", "data.keep.elements=demo:elements",
-        f"train.epochs={schedule.base_epochs}", f"train.lr={schedule.base_lr}", "eval.before=false",
+        *BASE_TRAINING, "eval.before=false",
     ])
     base = forgetless.train(base_cfg)
     console.print(f"base model: capitals exact match {base.after['capitals']['exact_match']:.1%}")
@@ -88,12 +79,12 @@ def run_demo(out: Path, overwrite: bool = False, quick: bool = False) -> dict:
         cfg = load_config(None, [
             f"model.name_or_path={out / 'base' / 'model'}", *_common(out, _slug(name)),
             "data.train=demo:elements", "data.eval.elements=demo:elements", "data.keep.capitals=demo:capitals",
-            f"train.epochs={schedule.finetune_epochs}", f"train.lr={schedule.finetune_lr}", *overrides,
+            *FINETUNING, *overrides,
         ])
         r = forgetless.train(cfg)
         results["strategies"][name] = {"before": r.before, "after": r.after, "train": r.train, "run_dir": str(r.run_dir)}
     results["elapsed_s"] = round(time.perf_counter() - started, 1)
-    results["schedule"] = vars(schedule) if not isinstance(schedule, dict) else schedule
+    results["schedule"] = {"base": BASE_TRAINING, "finetune": FINETUNING}
     (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     rows = table_rows(results)
     print_table(rows)
@@ -129,12 +120,12 @@ def table_rows(results: dict) -> list[dict]:
 
 COLUMNS = [
     ("strategy", "strategy", str),
-    ("old_before", "capitals EM before", "{:.1%}"),
-    ("old_after", "capitals EM after", "{:.1%}"),
-    ("forgetting", "forgetting (EM points lost)", "{:.1%}"),
-    ("new_before", "elements EM before", "{:.1%}"),
-    ("new_after", "elements EM after", "{:.1%}"),
-    ("old_loss_after", "capitals loss after", "{:.3f}"),
+    ("old_before", "old EM before", "{:.1%}"),
+    ("old_after", "old EM after", "{:.1%}"),
+    ("forgetting", "forgot", "{:.1%}"),
+    ("new_before", "new EM before", "{:.1%}"),
+    ("new_after", "new EM after", "{:.1%}"),
+    ("old_loss_after", "old loss after", "{:.2f}"),
     ("train_time_s", "time (s)", "{:.1f}"),
     ("trainable_params", "trainable params", "{:,}"),
 ]
@@ -147,7 +138,12 @@ def _cell(row: dict, key: str, fmt) -> str:
 def print_table(rows: list[dict]) -> None:
     from rich.table import Table
 
-    table = Table(title="old task (capitals) and new task (element symbols), before and after fine-tuning", title_justify="left")
+    table = Table(
+        title="old task = capitals, new task = element symbols; EM = exact match",
+        title_justify="left",
+        caption="forgot = old-task EM points lost by the fine-tuning",
+        caption_justify="left",
+    )
     for _, label, _ in COLUMNS:
         table.add_column(label)
     for r in rows:
@@ -160,7 +156,8 @@ def report_markdown(rows: list[dict], results: dict) -> str:
         "# forgetless demo: catastrophic forgetting, measured",
         "",
         "A tiny Llama learned the capitals of 178 countries (the old knowledge), then was fine-tuned on",
-        "the chemical symbols of 86 elements (the new task). EM = exact match of greedy answers.",
+        "the chemical symbols of 86 elements (the new task). EM = exact match of greedy answers;",
+        "old = capitals, new = element symbols; forgot = old-task EM points lost.",
         "",
         "| " + " | ".join(label for _, label, _ in COLUMNS) + " |",
         "|" + " --- |" * len(COLUMNS),
@@ -215,7 +212,8 @@ th {{ background: #f3f3f3; }} td:first-child {{ text-align: left; }}
 </style></head><body>
 <h1>forgetless demo: catastrophic forgetting, measured</h1>
 <p>A tiny Llama learned the capitals of 178 countries (the old knowledge), then was fine-tuned on the
-chemical symbols of 86 elements (the new task). EM = exact match of greedy answers. Every number
+chemical symbols of 86 elements (the new task). EM = exact match of greedy answers; old = capitals,
+new = element symbols; forgot = old-task EM points lost. Every number
 comes from this run ({results['elapsed_s']:.0f}s).</p>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 <img alt="exact match before and after fine-tuning" src="data:image/png;base64,{_bar_chart(rows)}">

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -174,18 +175,27 @@ def train(cfg: RunConfig) -> RunResult:
 
     cfg.validate()
     trackers = _trackers(cfg)
+    # accelerate forms a CPU process group (gloo) only when told to run on CPU; without a GPU, a
+    # multi-process launch would otherwise give N independent single-process runs.
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
+        cpu=multi_process and not torch.cuda.is_available(),
         mixed_precision=_mixed_precision(cfg.train.mixed_precision),
         log_with=trackers or None,
         project_dir=cfg.output.dir,
     )
     try:
+        if multi_process and accelerator.num_processes == 1:
+            raise UserError("launched as several processes, but they did not form a process group; check the launcher (use --nproc or torchrun)")
         return _run(cfg, accelerator, trackers, set_seed)
     finally:
         accelerator.end_training()  # also destroys the process group, so multi-process runs exit cleanly
 
 
 def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResult:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars replace the per-shard ones of save/load
     set_seed(cfg.train.seed)
     main = accelerator.is_main_process
     t = cfg.train
@@ -242,16 +252,7 @@ def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResul
             micro = [collate([train_examples[i] for i in ids], tokenizer.pad_token_id) for ids in chunks(mine, t.micro_batch_size)]
             local_targets = sum(count_targets(b["labels"]) for b in micro)
             global_targets = int(_reduce_sum(accelerator, torch.tensor([local_targets], dtype=torch.float64)).item())
-            scale = world / max(global_targets, 1)
-            loss_sum_local = torch.zeros((), dtype=torch.float64)
-            for i, b in enumerate(micro):
-                sync = i == len(micro) - 1
-                with accelerator.no_sync(model) if not sync else nullcontext():
-                    b = {k: v.to(accelerator.device) for k, v in b.items()}
-                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                    loss_sum, _ = token_cross_entropy(logits, b["labels"])
-                    accelerator.backward(loss_sum * scale)
-                loss_sum_local += loss_sum.detach().double().cpu()
+            loss_sum_local = forward_backward(model, micro, accelerator, scale=world / max(global_targets, 1))
             grad_norm = None
             if t.max_grad_norm is not None:
                 grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm))
@@ -311,6 +312,26 @@ def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResul
         metrics_file.close()
     accelerator.wait_for_everyone()
     return RunResult(run_dir, before, after, roles, train_info, data_info, model=unwrapped, tokenizer=tokenizer)
+
+
+def forward_backward(model, micro_batches: list[dict], accelerator, scale: float) -> torch.Tensor:
+    """Accumulate the gradients of one optimiser step; returns this process's summed token loss.
+
+    ``scale`` is ``world_size / global_target_tokens``: each micro-batch's *summed* token loss is
+    scaled by it, so the accumulated (and DDP-averaged) gradient is that of the token-mean loss
+    over the whole global batch. Gradients are synchronised across processes only on the last
+    micro-batch.
+    """
+    loss_sum_local = torch.zeros((), dtype=torch.float64)
+    for i, b in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with nullcontext() if last else accelerator.no_sync(model):
+            b = {k: v.to(accelerator.device) for k, v in b.items()}
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            loss_sum, _ = token_cross_entropy(logits, b["labels"])
+            accelerator.backward(loss_sum * scale)
+        loss_sum_local += loss_sum.detach().double().cpu()
+    return loss_sum_local
 
 
 def _reduce_sum(accelerator, tensor: torch.Tensor) -> torch.Tensor:
