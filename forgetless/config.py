@@ -26,7 +26,7 @@ import yaml
 from forgetless.errors import ConfigError
 
 
-def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None) -> Any:
+def option(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None) -> Any:
     """A dataclass field with a help text."""
     if factory is not None:
         return field(default_factory=factory, metadata={"help": help})
@@ -42,12 +42,12 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None) 
 class TinyModelConfig:
     """Shape of the built-in tiny Llama model (``model.name_or_path: tiny``)."""
 
-    hidden_size: int = _f(128, "Width of the residual stream.")
-    num_layers: int = _f(4, "Number of transformer blocks.")
-    num_heads: int = _f(4, "Attention heads per block.")
-    num_kv_heads: int = _f(2, "Key/value heads (grouped-query attention when fewer than heads).")
-    intermediate_size: int = _f(352, "Width of the MLP's hidden layer.")
-    max_position_embeddings: int = _f(512, "Longest sequence the model accepts.")
+    hidden_size: int = option(128, "Width of the residual stream.")
+    num_layers: int = option(4, "Number of transformer blocks.")
+    num_heads: int = option(4, "Attention heads per block.")
+    num_kv_heads: int = option(2, "Key/value heads (grouped-query attention when fewer than heads).")
+    intermediate_size: int = option(352, "Width of the MLP's hidden layer.")
+    max_position_embeddings: int = option(512, "Longest sequence the model accepts.")
 
     def validate(self, where: str) -> None:
         if self.hidden_size % self.num_heads:
@@ -60,36 +60,36 @@ class TinyModelConfig:
 class ModelConfig:
     """Which model to fine-tune and how to load it."""
 
-    name_or_path: str = _f(
+    name_or_path: str = option(
         "tiny",
         "A local model directory, a Hugging Face hub id, or 'tiny' for the built-in tiny random-init "
         "Llama with its own tokenizer (offline).",
     )
-    revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) to load.")
-    trust_remote_code: bool = _f(False, "Allow the model's own Python code from the hub. Off unless you set it.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+    revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) to load.")
+    trust_remote_code: bool = option(False, "Allow the model's own Python code from the hub. Off unless you set it.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "float32",
         "Dtype the weights are loaded and trained in; 'auto' keeps the checkpoint's. float32 with "
         "train.mixed_precision=bf16 is the usual mixed-precision setup; bfloat16 trains in pure bf16.",
     )
-    tiny: TinyModelConfig = _f(factory=TinyModelConfig, help="Shape of the built-in tiny model.")
+    tiny: TinyModelConfig = option(factory=TinyModelConfig, help="Shape of the built-in tiny model.")
 
 
 @dataclass
 class DatasetSpec:
     """One dataset: a file, a hub id, or a shipped demo set."""
 
-    path: str = _f(
+    path: str = option(
         "",
         "A .jsonl/.json/.csv/.parquet/.txt file, a Hugging Face datasets hub id, or 'demo:NAME' for a "
         "dataset shipped with forgetless (capitals, elements, currencies, general).",
     )
-    split: str = _f("train", "Split to read from a hub dataset.")
-    subset: Optional[str] = _f(None, "Configuration name of a hub dataset.")
-    format: Literal["auto", "text", "prompt_completion", "messages"] = _f(
+    split: str = option("train", "Split to read from a hub dataset.")
+    subset: Optional[str] = option(None, "Configuration name of a hub dataset.")
+    format: Literal["auto", "text", "prompt_completion", "messages"] = option(
         "auto", "Record format; 'auto' detects it from the fields of each record."
     )
-    limit: Optional[int] = _f(None, "Use only the first N records.")
+    limit: Optional[int] = option(None, "Use only the first N records.")
 
     def validate(self, where: str) -> None:
         if not self.path:
@@ -102,31 +102,31 @@ class DatasetSpec:
 class DataConfig:
     """What to train on and what to measure."""
 
-    train: list[DatasetSpec] = _f(
+    train: list[DatasetSpec] = option(
         factory=list, help="Training data: one dataset or a list of them (concatenated)."
     )
-    eval: dict[str, DatasetSpec] = _f(
+    eval: dict[str, DatasetSpec] = option(
         factory=dict,
         help="Evaluation sets of the new task, by name. Scored before training, periodically, and at the end.",
     )
-    keep: dict[str, DatasetSpec] = _f(
+    keep: dict[str, DatasetSpec] = option(
         factory=dict,
         help="Sets the model must not forget (old tasks, general text), by name. Scored like eval sets; "
         "the summary shows how much each one changed.",
     )
-    eval_holdout: int = _f(
+    eval_holdout: int = option(
         0,
         "When no eval set is given, hold out this many training records as the 'task' eval set "
         "(0 = evaluate on the first records of the training data instead).",
     )
-    max_length: int = _f(512, "Longest tokenized sequence, prompt included.")
-    truncation: Literal["truncate", "drop"] = _f(
+    max_length: int = option(512, "Longest tokenized sequence, prompt included.")
+    truncation: Literal["truncate", "drop"] = option(
         "truncate", "What to do with longer sequences: cut them at max_length, or drop them. Both are counted."
     )
-    completion_only_loss: bool = _f(
+    completion_only_loss: bool = option(
         True, "Train only on completion / assistant tokens. Off: train on the prompt too."
     )
-    chat_template: Optional[str] = _f(
+    chat_template: Optional[str] = option(
         None,
         "Jinja chat template for 'messages' data when the tokenizer has none, or 'chatml' for the "
         "ChatML template.",
@@ -151,30 +151,30 @@ class DataConfig:
 class TrainConfig:
     """The optimisation: batch, optimiser, schedule, precision."""
 
-    seed: int = _f(42, "Seed of everything: model init, data order, dropout. Same seed, same run.")
-    epochs: float = _f(1.0, "Passes over the training data (fractions allowed). Ignored when max_steps is set.")
-    max_steps: Optional[int] = _f(None, "Stop after this many optimiser steps.")
-    micro_batch_size: int = _f(8, "Sequences per forward pass on each process.")
-    grad_accum_steps: int = _f(
+    seed: int = option(42, "Seed of everything: model init, data order, dropout. Same seed, same run.")
+    epochs: float = option(1.0, "Passes over the training data (fractions allowed). Ignored when max_steps is set.")
+    max_steps: Optional[int] = option(None, "Stop after this many optimiser steps.")
+    micro_batch_size: int = option(8, "Sequences per forward pass on each process.")
+    grad_accum_steps: int = option(
         1,
         "Micro-batches accumulated per optimiser step. Global batch = micro_batch_size x grad_accum_steps "
         "x processes. The loss is normalised by the target tokens of the whole global batch.",
     )
-    lr: float = _f(2e-5, "Peak learning rate of AdamW.")
-    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms).")
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.999, "AdamW beta2.")
-    adam_eps: float = _f(1e-8, "AdamW epsilon.")
-    scheduler: Literal["cosine", "linear", "constant"] = _f(
+    lr: float = option(2e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = option(0.0, "AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    adam_eps: float = option(1e-8, "AdamW epsilon.")
+    scheduler: Literal["cosine", "linear", "constant"] = option(
         "cosine", "Learning-rate decay after warmup."
     )
-    warmup_ratio: float = _f(0.03, "Share of the steps spent warming up linearly from 0.")
-    warmup_steps: Optional[int] = _f(None, "Warmup steps; overrides warmup_ratio.")
-    max_grad_norm: Optional[float] = _f(1.0, "Clip the global gradient norm to this; null disables clipping.")
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _f(
+    warmup_ratio: float = option(0.03, "Share of the steps spent warming up linearly from 0.")
+    warmup_steps: Optional[int] = option(None, "Warmup steps; overrides warmup_ratio.")
+    max_grad_norm: Optional[float] = option(1.0, "Clip the global gradient norm to this; null disables clipping.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option(
         "auto", "'auto' uses bf16 where the hardware supports it (a recent GPU) and full precision on CPU."
     )
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
 
     def validate(self, where: str) -> None:
         for name in ("micro_batch_size", "grad_accum_steps"):
@@ -196,15 +196,15 @@ class TrainConfig:
 class EvalConfig:
     """How evaluation sets are scored."""
 
-    before: bool = _f(True, "Score every eval and keep set before the first step (the 'before' column).")
-    every_steps: int = _f(0, "Also evaluate every N optimiser steps (0 = only before and after).")
-    batch_size: int = _f(16, "Sequences per evaluation forward pass.")
-    max_examples: Optional[int] = _f(256, "Score at most this many records per set (null = all).")
-    generation: bool = _f(
+    before: bool = option(True, "Score every eval and keep set before the first step (the 'before' column).")
+    every_steps: int = option(0, "Also evaluate every N optimiser steps (0 = only before and after).")
+    batch_size: int = option(16, "Sequences per evaluation forward pass.")
+    max_examples: Optional[int] = option(256, "Score at most this many records per set (null = all).")
+    generation: bool = option(
         True,
         "Also greedy-decode prompt/completion and chat records and report normalised exact match.",
     )
-    max_new_tokens: int = _f(32, "Longest generation, in tokens.")
+    max_new_tokens: int = option(32, "Longest generation, in tokens.")
 
     def validate(self, where: str) -> None:
         if self.every_steps < 0:
@@ -219,29 +219,38 @@ class EvalConfig:
 class OutputConfig:
     """Where the run directory goes and what is logged."""
 
-    dir: str = _f("runs/forgetless", "Run directory (created; refused if it holds a run, unless overwrite).")
-    overwrite: bool = _f(False, "Replace an existing run directory.")
-    save_model: bool = _f(True, "Save the final weights and tokenizer under DIR/model.")
-    log_every: int = _f(10, "Write a metrics.jsonl record every N optimiser steps.")
-    progress: bool = _f(True, "Show a progress bar.")
-    tensorboard: bool = _f(False, "Also log to TensorBoard under DIR/tensorboard (needs tensorboard).")
-    wandb: bool = _f(False, "Also log to Weights & Biases (needs wandb and a login).")
-    wandb_project: str = _f("forgetless", "Weights & Biases project.")
+    dir: str = option("runs/forgetless", "Run directory (created; refused if it holds a run, unless overwrite).")
+    overwrite: bool = option(False, "Replace an existing run directory.")
+    save_model: bool = option(True, "Save the final weights and tokenizer under DIR/model.")
+    log_every: int = option(10, "Write a metrics.jsonl record every N optimiser steps.")
+    progress: bool = option(True, "Show a progress bar.")
+    tensorboard: bool = option(False, "Also log to TensorBoard under DIR/tensorboard (needs tensorboard).")
+    wandb: bool = option(False, "Also log to Weights & Biases (needs wandb and a login).")
+    wandb_project: str = option("forgetless", "Weights & Biases project.")
 
     def validate(self, where: str) -> None:
         if self.log_every < 1:
             raise ConfigError(f"{where}.log_every must be at least 1, got {self.log_every}")
 
 
+class MethodConfigs(dict):
+    """``methods:`` maps a method name to its config dataclass (see forgetless/methods)."""
+
+
 @dataclass
 class RunConfig:
     """One fine-tuning run."""
 
-    model: ModelConfig = _f(factory=ModelConfig, help="The model to fine-tune.")
-    data: DataConfig = _f(factory=DataConfig, help="Training and evaluation data.")
-    train: TrainConfig = _f(factory=TrainConfig, help="Optimisation.")
-    eval: EvalConfig = _f(factory=EvalConfig, help="Evaluation.")
-    output: OutputConfig = _f(factory=OutputConfig, help="Run directory and logging.")
+    model: ModelConfig = option(factory=ModelConfig, help="The model to fine-tune.")
+    data: DataConfig = option(factory=DataConfig, help="Training and evaluation data.")
+    train: TrainConfig = option(factory=TrainConfig, help="Optimisation.")
+    eval: EvalConfig = option(factory=EvalConfig, help="Evaluation.")
+    output: OutputConfig = option(factory=OutputConfig, help="Run directory and logging.")
+    methods: MethodConfigs = option(
+        factory=MethodConfigs,
+        help="Anti-forgetting methods to combine, by name, each with its options (see the methods "
+        "reference below); e.g. `methods: {lora: {r: 8}, kl: {weight: 1.0}}`. Empty = plain fine-tuning.",
+    )
 
     def validate(self) -> None:
         self.model.tiny.validate("model.tiny")
@@ -251,6 +260,12 @@ class RunConfig:
         self.output.validate("output")
         if not self.data.train:
             raise ConfigError("data.train is missing: give the training data, e.g. data.train=path/to/train.jsonl")
+        from forgetless.methods import check_combination
+
+        for name, mcfg in self.methods.items():
+            if hasattr(mcfg, "validate"):
+                mcfg.validate(f"methods.{name}")
+        check_combination(self.methods)
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,6 +349,8 @@ def _convert(value: Any, tp: Any, key: str, src: _Source, base_dir: Path) -> Any
         if value not in choices:
             raise ConfigError(f"{src.where(key)}: must be {_type_name(tp)}, got {value!r}")
         return value
+    if tp is MethodConfigs:
+        return _convert_methods(value, key, src, base_dir)
     if tp is DatasetSpec:
         if isinstance(value, str):
             value = {"path": value}
@@ -384,6 +401,31 @@ def _convert(value: Any, tp: Any, key: str, src: _Source, base_dir: Path) -> Any
     if tp is Any:
         return value
     raise TypeError(f"unsupported config type {tp} at {key}")
+
+
+def _convert_methods(value: Any, key: str, src: _Source, base_dir: Path) -> MethodConfigs:
+    """``{name: options}`` (or a list of names) -> {name: the method's config dataclass}."""
+    from forgetless.methods import REGISTRY
+
+    if value is None:
+        return MethodConfigs()
+    if isinstance(value, list):
+        value = {str(v): {} for v in value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{src.where(key)}: expected a mapping of method names to options, e.g. {{lora: {{r: 8}}}}")
+    out = MethodConfigs()
+    for name, options in value.items():
+        sub = f"{key}.{name}"
+        if name not in REGISTRY:
+            close = difflib.get_close_matches(str(name), list(REGISTRY), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{src.where(sub)}: unknown method {name!r}{hint}; available: {', '.join(sorted(REGISTRY))}")
+        if options is False:
+            continue
+        if options is True:
+            options = {}
+        out[name] = _build(REGISTRY[name].config, options, sub, src, base_dir)
+    return out
 
 
 def _build(cls: type, value: Any, key: str, src: _Source, base_dir: Path) -> Any:
@@ -500,6 +542,15 @@ def _check_key(key: str) -> None:
                 cls = typing.get_args(cls)[1]
                 continue
             return
+        if cls is MethodConfigs:
+            from forgetless.methods import REGISTRY
+
+            if part not in REGISTRY:
+                close = difflib.get_close_matches(part, list(REGISTRY), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"override {'.'.join(walked)}: unknown method {part!r}{hint}; available: {', '.join(sorted(REGISTRY))}")
+            cls = REGISTRY[part].config
+            continue
         hints = typing.get_type_hints(cls)
         if part not in hints:
             names = list(hints)
@@ -516,7 +567,15 @@ def _check_key(key: str) -> None:
 
 def to_dict(cfg: Any) -> Any:
     """A plain dict (YAML-ready) of a config dataclass."""
-    return dataclasses.asdict(cfg)
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
@@ -539,6 +598,9 @@ def reference(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, s
         if dataclasses.is_dataclass(tp):
             rows.append((key, "section", "", f.metadata.get("help", "")))
             rows.extend(reference(tp, key + "."))
+            continue
+        if tp is MethodConfigs:
+            rows.append((key, "section", "", f.metadata.get("help", "")))
             continue
         if f.default is not dataclasses.MISSING:
             default = f.default
@@ -569,4 +631,14 @@ def reference_markdown() -> str:
     out += ["", "## DatasetSpec", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for key, tp, default, help_ in reference(DatasetSpec):
         out.append(f"| `{key}` | {tp} | `{default.strip()}` | {help_} |")
-    return "\n".join(out) + "\n"
+    from forgetless.methods import REGISTRY
+
+    out += ["", "## Methods", "", "Enable a method with `methods.NAME=true` (defaults) or set its options, e.g.",
+            "`methods.lora.r=16`. Methods combine; each is one file under `forgetless/methods/`.", ""]
+    for name in sorted(REGISTRY):
+        spec = REGISTRY[name]
+        out += [f"### `{name}`", "", spec.summary, "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for key, tp, default, help_ in reference(spec.config, f"methods.{name}."):
+            out.append(f"| `{key}` | {tp} | `{default.strip()}` | {help_} |")
+        out.append("")
+    return "\n".join(out).rstrip("\n") + "\n"

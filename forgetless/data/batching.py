@@ -1,53 +1,99 @@
 """Deterministic batching that does not depend on the number of processes.
 
-The order of the training stream is a function of the seed alone: epoch ``e`` visits the examples
-in ``randperm(n, seed + e)``, and optimiser step ``s`` takes stream positions
-``[s * G, (s + 1) * G)`` where ``G`` is the global batch. Each process then takes its contiguous
-share of that global batch and cuts it into micro-batches. So 1 process with 4 accumulation
-steps and 2 processes with 2 see exactly the same global batches, and a run's data position is
-just its step number (what exact resume needs).
+The training stream is a function of the seed alone. Each source (the task data, and any data a
+method mixes in: general text, a replay memory) has its own stream: epoch ``e`` of source ``j``
+visits its examples in ``randperm(n_j, seed + 7919 * j + e)``. Every global batch of ``G``
+examples takes from each source its share of ``G``; the counts are allocated by largest
+remainder on the cumulative quota, so after ``s`` steps source ``j`` has given
+``round(s * G * w_j)`` examples, give or take one (the observed mix equals the requested one).
+The batch is then shuffled (seeded by the step) so that every process and micro-batch gets a
+fair mix.
+
+Each process takes its contiguous share of a global batch and cuts it into micro-batches. So
+1 process with 4 accumulation steps and 2 processes with 2 see exactly the same global batches,
+and a run's data position is just its step number (what exact resume needs).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from forgetless.data.formats import IGNORE, Example
 
 
-class GlobalBatches:
-    def __init__(self, num_examples: int, global_batch: int, seed: int):
-        self.n = num_examples
+@dataclass
+class Source:
+    """A stream of examples and its share of every batch."""
+
+    name: str
+    examples: list[Example]
+    weight: float
+
+
+class MixedBatches:
+    """Global batches drawn from several sources in fixed shares; ``sources[0]`` is the task."""
+
+    def __init__(self, sources: list[Source], global_batch: int, seed: int):
+        total = sum(s.weight for s in sources)
+        if total <= 0 or any(s.weight < 0 for s in sources):
+            raise ValueError("source weights must be non-negative and not all zero")
+        self.sources = sources
+        self.shares = [s.weight / total for s in sources]
         self.global_batch = global_batch
         self.seed = seed
-        self._perms: dict[int, list[int]] = {}
+        self._perms: dict[tuple[int, int], list[int]] = {}
+
+    @property
+    def task_per_step(self) -> float:
+        return self.global_batch * self.shares[0]
 
     def steps_for_epochs(self, epochs: float) -> int:
-        return max(1, math.ceil(epochs * self.n / self.global_batch))
-
-    def _perm(self, epoch: int) -> list[int]:
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
-        return self._perms[epoch]
-
-    def indices(self, step: int) -> list[int]:
-        """Example indices of the global batch of optimiser step ``step``."""
-        out = []
-        for pos in range(step * self.global_batch, (step + 1) * self.global_batch):
-            out.append(self._perm(pos // self.n)[pos % self.n])
-        return out
+        """Optimiser steps for ``epochs`` passes over the task source."""
+        return max(1, math.ceil(epochs * len(self.sources[0].examples) / max(self.task_per_step, 1e-9)))
 
     def epoch_at(self, step: int) -> float:
-        return step * self.global_batch / self.n
+        return step * self.task_per_step / len(self.sources[0].examples)
+
+    def _given(self, step: int) -> list[int]:
+        """Examples each source has given in steps ``0 .. step-1``."""
+        quotas = [step * self.global_batch * w for w in self.shares]
+        counts = [math.floor(q) for q in quotas]
+        short = step * self.global_batch - sum(counts)
+        order = sorted(range(len(quotas)), key=lambda j: (-(quotas[j] - counts[j]), j))
+        for j in order[:short]:
+            counts[j] += 1
+        return counts
+
+    def _perm(self, source: int, epoch: int) -> list[int]:
+        key = (source, epoch)
+        if key not in self._perms:
+            if len(self._perms) > 64:
+                self._perms.clear()
+            g = torch.Generator().manual_seed(self.seed + 7919 * source + epoch)
+            self._perms[key] = torch.randperm(len(self.sources[source].examples), generator=g).tolist()
+        return self._perms[key]
+
+    def batch(self, step: int) -> list[tuple[int, int]]:
+        """(source, example index) pairs of the global batch of optimiser step ``step``."""
+        start, end = self._given(step), self._given(step + 1)
+        picked = []
+        for j, (a, b) in enumerate(zip(start, end)):
+            n = len(self.sources[j].examples)
+            picked += [(j, self._perm(j, pos // n)[pos % n]) for pos in range(a, b)]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return [picked[i] for i in torch.randperm(len(picked), generator=g).tolist()]
+
+    def examples(self, pairs: list[tuple[int, int]]) -> list[Example]:
+        return [self.sources[j].examples[i] for j, i in pairs]
 
 
-def shard(indices: list[int], rank: int, world_size: int) -> list[int]:
+def shard(items: list, rank: int, world_size: int) -> list:
     """This process's contiguous share of a global batch."""
-    per = len(indices) // world_size
-    return indices[rank * per : (rank + 1) * per]
+    per = len(items) // world_size
+    return items[rank * per : (rank + 1) * per]
 
 
 def chunks(items: list, size: int) -> list[list]:

@@ -27,13 +27,15 @@ from typing import Any
 import torch
 
 from forgetless.config import RunConfig, save_config, to_dict
-from forgetless.data.batching import GlobalBatches, chunks, collate, count_targets, shard
+from forgetless.data.batching import MixedBatches, Source, chunks, collate, count_targets, shard
 from forgetless.data.formats import EncodeStats, Encoder, Example
 from forgetless.data.loading import load_records
 from forgetless.errors import ConfigError, UserError
 from forgetless.eval.scoring import score_examples
 from forgetless.loss import token_cross_entropy
+from forgetless.methods import Context, build_methods
 from forgetless.models import load_model, load_tokenizer
+from forgetless.models.saving import save_model
 from forgetless.progress import TrainProgress, eval_progress
 from forgetless.rundir import prepare_run_dir, write_summary
 
@@ -209,16 +211,30 @@ def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResul
         raise ConfigError(f"data.max_length ({cfg.data.max_length}) exceeds the model's context ({context}); set data.max_length<={context}")
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    methods = build_methods(cfg.methods)
+    ctx = Context(cfg, tokenizer, Encoder(tokenizer, cfg.data), accelerator, None, train_examples, t.seed)
+    for m in methods:
+        model = m.wrap_model(model, ctx)
+    sources = [Source("task", train_examples, 1.0)]
+    for m in methods:
+        sources += m.extra_sources(ctx)
+    extra_share = sum(s.weight for s in sources[1:])
+    if extra_share >= 1:
+        raise ConfigError(f"methods: mixed-in data takes {extra_share:.0%} of every batch, leaving nothing for the task; lower the ratios")
+    sources[0].weight = 1.0 - extra_share
+    trainable, total_params = count_parameters(model)
+    if trainable == 0:
+        raise ConfigError("no trainable parameters: the configuration froze the whole model")
+    for m in methods:
+        m.before_train(model, ctx)
     run_dir = prepare_run_dir(Path(cfg.output.dir), cfg.output.overwrite, is_main=main)
+    ctx.run_dir = run_dir
     accelerator.wait_for_everyone()
 
     world = accelerator.num_processes
     global_batch = t.micro_batch_size * t.grad_accum_steps * world
-    batches = GlobalBatches(len(train_examples), global_batch, t.seed)
+    batches = MixedBatches(sources, global_batch, t.seed)
     total_steps = t.max_steps or batches.steps_for_epochs(t.epochs)
-    trainable, total_params = count_parameters(model)
-    if trainable == 0:
-        raise ConfigError("no trainable parameters: the configuration froze the whole model")
 
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
@@ -246,13 +262,17 @@ def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResul
     started = time.perf_counter()
     window_tokens, window_start = 0, started
     tokens_seen, last_loss = 0, float("nan")
+    source_counts = [0] * len(sources)
     with TrainProgress(total_steps, enabled=cfg.output.progress and main) as progress:
         for step in range(total_steps):
-            mine = shard(batches.indices(step), accelerator.process_index, world)
-            micro = [collate([train_examples[i] for i in ids], tokenizer.pad_token_id) for ids in chunks(mine, t.micro_batch_size)]
+            pairs = batches.batch(step)
+            for j, _ in pairs:
+                source_counts[j] += 1
+            mine = batches.examples(shard(pairs, accelerator.process_index, world))
+            micro = [collate(group, tokenizer.pad_token_id) for group in chunks(mine, t.micro_batch_size)]
             local_targets = sum(count_targets(b["labels"]) for b in micro)
             global_targets = int(_reduce_sum(accelerator, torch.tensor([local_targets], dtype=torch.float64)).item())
-            loss_sum_local = forward_backward(model, micro, accelerator, scale=world / max(global_targets, 1))
+            sums = forward_backward(model, micro, accelerator, scale=world / max(global_targets, 1), methods=methods)
             grad_norm = None
             if t.max_grad_norm is not None:
                 grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm))
@@ -260,8 +280,10 @@ def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResul
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            loss_total = float(_reduce_sum(accelerator, loss_sum_local.reshape(1)).item())
-            last_loss = loss_total / max(global_targets, 1)
+            step_terms = sums.pop("step_terms")
+            reduced = _reduce_sum(accelerator, torch.stack(list(sums.values())))
+            means = {k: float(v) / max(global_targets, 1) for k, v in zip(sums, reduced)}
+            last_loss = means.pop("lm")
             step_tokens = int(_reduce_sum(accelerator, torch.tensor([sum(int(b["attention_mask"].sum()) for b in micro)], dtype=torch.float64)).item())
             tokens_seen += step_tokens
             window_tokens += step_tokens
@@ -279,6 +301,10 @@ def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResul
                     "tokens_per_s": round(tps, 1),
                     "elapsed_s": round(now - started, 3),
                 }
+                terms = {**means, **step_terms}
+                if terms:
+                    record["terms"] = terms
+                    record["total_loss"] = last_loss + sum(terms.values())
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm
                 log(record)
@@ -288,9 +314,11 @@ def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResul
                 window_start = time.perf_counter()
     train_time = time.perf_counter() - started
 
+    unwrapped = accelerator.unwrap_model(model)
+    for m in methods:
+        m.after_train(unwrapped, ctx)
     after = evaluate_sets(model, tokenizer, eval_sets, cfg, accelerator, "after")
     log({"step": total_steps, "eval": after})
-    unwrapped = accelerator.unwrap_model(model)
     train_info = {
         "steps": total_steps,
         "global_batch": global_batch,
@@ -301,12 +329,17 @@ def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResul
         "tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
         "trainable_params": trainable,
         "total_params": total_params,
+        "methods": {m.name: m.describe() for m in methods},
     }
-    data_info = {"train": vars(train_stats), **{s.name: {"role": s.role, "examples": len(s.examples)} for s in eval_sets}}
+    drawn = sum(source_counts)
+    data_info = {
+        "train": vars(train_stats),
+        "mix": {s.name: {"requested": round(w, 4), "observed": round(c / max(drawn, 1), 4)} for s, w, c in zip(sources, batches.shares, source_counts)},
+        **{s.name: {"role": s.role, "examples": len(s.examples)} for s in eval_sets},
+    }
     if main:
         if cfg.output.save_model:
-            unwrapped.save_pretrained(str(run_dir / "model"), safe_serialization=True)
-            tokenizer.save_pretrained(str(run_dir / "model"))
+            save_model(unwrapped, tokenizer, run_dir / "model", cfg)
         write_summary(run_dir, before, after, roles, train_info, data_info)
     if metrics_file:
         metrics_file.close()
@@ -314,24 +347,42 @@ def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResul
     return RunResult(run_dir, before, after, roles, train_info, data_info, model=unwrapped, tokenizer=tokenizer)
 
 
-def forward_backward(model, micro_batches: list[dict], accelerator, scale: float) -> torch.Tensor:
-    """Accumulate the gradients of one optimiser step; returns this process's summed token loss.
+def forward_backward(model, micro_batches: list[dict], accelerator, scale: float, methods: list = ()) -> dict:
+    """Accumulate the gradients of one optimiser step.
 
-    ``scale`` is ``world_size / global_target_tokens``: each micro-batch's *summed* token loss is
-    scaled by it, so the accumulated (and DDP-averaged) gradient is that of the token-mean loss
-    over the whole global batch. Gradients are synchronised across processes only on the last
-    micro-batch.
+    ``scale`` is ``world_size / global_target_tokens``: each micro-batch's *summed* token loss
+    (and every method's batch term, also a sum over target tokens) is scaled by it, so the
+    accumulated, DDP-averaged gradient is that of the token-mean loss over the whole global batch.
+    Step terms (penalties on the weights) are added once, with the last micro-batch; every process
+    adds the same value, so DDP's average keeps it at weight 1. Gradients are synchronised across
+    processes only on the last micro-batch.
+
+    Returns this process's sums: ``{"lm": ..., <batch term>: ..., "step_terms": {name: value}}``.
     """
-    loss_sum_local = torch.zeros((), dtype=torch.float64)
+    sums: dict = {"lm": torch.zeros((), dtype=torch.float64)}
+    step_values: dict[str, float] = {}
+    plain = accelerator.unwrap_model(model)  # what methods see: the model without DDP's wrapper
     for i, b in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with nullcontext() if last else accelerator.no_sync(model):
             b = {k: v.to(accelerator.device) for k, v in b.items()}
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             loss_sum, _ = token_cross_entropy(logits, b["labels"])
-            accelerator.backward(loss_sum * scale)
-        loss_sum_local += loss_sum.detach().double().cpu()
-    return loss_sum_local
+            total = loss_sum
+            sums["lm"] += loss_sum.detach().double().cpu()
+            for m in methods:
+                for name, value in m.batch_terms(plain, b, logits).items():
+                    total = total + value
+                    sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64)) + value.detach().double().cpu()
+            total = total * scale
+            if last:
+                for m in methods:
+                    for name, value in m.step_terms(plain).items():
+                        total = total + value
+                        step_values[name] = float(value.detach())
+            accelerator.backward(total)
+    sums["step_terms"] = step_values
+    return sums
 
 
 def _reduce_sum(accelerator, tensor: torch.Tensor) -> torch.Tensor:

@@ -1,20 +1,43 @@
-from forgetless.data.batching import GlobalBatches, chunks, collate, count_targets, shard
+from collections import Counter
+
+import pytest
+
+from forgetless.data.batching import MixedBatches, Source, chunks, collate, count_targets, shard
 from forgetless.data.formats import IGNORE, Example
 
 
+def _src(name, n, w):
+    return Source(name, [Example([i], [i], name) for i in range(n)], w)
+
+
 def test_same_seed_same_order_and_epochs_cover_everything():
-    a, b = GlobalBatches(10, 4, seed=3), GlobalBatches(10, 4, seed=3)
-    assert [a.indices(s) for s in range(5)] == [b.indices(s) for s in range(5)]
-    first_epoch = [i for s in range(5) for i in a.indices(s)][:10]
-    assert sorted(first_epoch) == list(range(10))
-    assert GlobalBatches(10, 4, seed=4).indices(0) != a.indices(0)
+    a, b = MixedBatches([_src("t", 10, 1)], 4, seed=3), MixedBatches([_src("t", 10, 1)], 4, seed=3)
+    assert [a.batch(s) for s in range(5)] == [b.batch(s) for s in range(5)]
+    # the first 10 positions of the stream are one pass over the data (order within a batch is shuffled)
+    stream = [i for s in range(5) for _, i in sorted(a.batch(s))]
+    assert sorted(stream[:8]) == sorted(set(stream[:8])) and sorted(set(stream[:12])) == list(range(10))
+    assert MixedBatches([_src("t", 10, 1)], 4, seed=4).batch(0) != a.batch(0)
     assert a.steps_for_epochs(1) == 3 and a.steps_for_epochs(2.5) == 7
 
 
+@pytest.mark.parametrize("weights", [(0.7, 0.3), (0.5, 0.25, 0.25), (0.9, 0.1), (0.55, 0.45)])
+def test_observed_shares_match_the_requested_ones(weights):
+    sources = [_src(f"s{j}", 37 + 11 * j, w) for j, w in enumerate(weights)]
+    mb = MixedBatches(sources, global_batch=10, seed=0)
+    steps = mb.steps_for_epochs(1)
+    counts = Counter(j for s in range(steps) for j, _ in mb.batch(s))
+    total = sum(counts.values())
+    assert total == steps * 10
+    for j, w in enumerate(weights):
+        assert abs(counts[j] / total - w) <= 0.02  # within 2 percentage points over an epoch
+        # and at every prefix of the run, within one example of the quota
+        assert abs(mb._given(steps)[j] - steps * 10 * w / sum(weights)) <= 1
+
+
 def test_shards_of_all_processes_make_the_global_batch():
-    g = GlobalBatches(50, 8, seed=0)
+    g = MixedBatches([_src("t", 50, 1)], 8, seed=0)
     for step in range(4):
-        full = g.indices(step)
+        full = g.batch(step)
         assert shard(full, 0, 2) + shard(full, 1, 2) == full
         assert shard(full, 0, 1) == full
 
