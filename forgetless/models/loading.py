@@ -14,6 +14,7 @@ import torch
 
 from forgetless.config import ModelConfig
 from forgetless.errors import UserError
+from forgetless.models.adapters import ADAPTER_FILE
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -77,6 +78,8 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int = 0):
     local = _check_local(name)
     if local is not None and (local / "adapter_config.json").is_file():
         return _load_adapter(local, cfg)
+    if local is not None and (local / ADAPTER_FILE).is_file():
+        return _load_forgetless_adapter(local, cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(local or name),
@@ -101,6 +104,24 @@ def _load_adapter(path: Path, cfg: ModelConfig):
     base_cfg = ModelConfig(name_or_path=base_name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
     base = load_model(base_cfg, load_tokenizer(base_cfg))
     return PeftModel.from_pretrained(base, str(path))
+
+
+def _load_forgetless_adapter(path: Path, cfg: ModelConfig):
+    """Load an adapter kind of forgetless's own (see forgetless.models.adapters) onto its base."""
+    import json
+
+    import forgetless.methods  # noqa: F401  (registers the adapter kinds)
+    from forgetless.models.adapters import ADAPTER_KINDS
+
+    meta = json.loads((path / ADAPTER_FILE).read_text(encoding="utf-8"))
+    kind = ADAPTER_KINDS.get(meta.get("kind"))
+    if kind is None:
+        raise UserError(f"{path}: unknown adapter kind {meta.get('kind')!r} in {ADAPTER_FILE}")
+    base_ref = meta["base_model"]
+    base_path = Path(base_ref) if Path(base_ref).is_absolute() else path / base_ref
+    base_cfg = ModelConfig(name_or_path=str(base_path) if base_path.exists() else base_ref, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
+    base = load_model(base_cfg, load_tokenizer(base_cfg))
+    return kind.load(base, path)
 
 
 def _first_line(e: BaseException) -> str:

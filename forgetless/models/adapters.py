@@ -1,0 +1,57 @@
+"""What forgetless needs to know about adapter models, whatever added the adapters.
+
+- :func:`adapters_disabled`: a context in which the model computes its *base* outputs, without a
+  second copy of the weights (PEFT's ``disable_adapter()``; forgetless's own adapters register a
+  disabler here). Distillation to the base model uses it.
+- :data:`ADAPTER_KINDS`: how to save and load adapters that PEFT does not know. A saved adapter
+  directory holds ``forgetless_adapter.json`` (``{"kind": ..., "base_model": ...}``) and the kind's
+  own files; :func:`forgetless.models.loading.load_model` dispatches on the kind.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterator
+
+ADAPTER_FILE = "forgetless_adapter.json"
+
+
+@dataclass
+class AdapterKind:
+    name: str
+    detect: Callable[[Any], bool]  # does this model carry adapters of this kind?
+    disable: Callable[[Any], ContextManager]  # base outputs inside the context
+    save: Callable[[Any, Any, Any], None]  # (model, out_dir, base_ref) -> None
+    load: Callable[[Any, Any], Any]  # (base_model, adapter_dir) -> model with adapters
+
+
+ADAPTER_KINDS: dict[str, AdapterKind] = {}
+
+
+def register_adapter_kind(kind: AdapterKind) -> None:
+    ADAPTER_KINDS[kind.name] = kind
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+def has_adapters(model) -> bool:
+    return is_peft_model(model) or any(k.detect(model) for k in ADAPTER_KINDS.values())
+
+
+@contextmanager
+def adapters_disabled(model) -> Iterator[None]:
+    """Run ``model`` as its base model inside this context (every adapter kind it carries)."""
+    with ExitStack() as stack:
+        if is_peft_model(model):
+            stack.enter_context(model.disable_adapter())
+        for kind in ADAPTER_KINDS.values():
+            if kind.detect(model):
+                stack.enter_context(kind.disable(model))
+        yield
