@@ -26,6 +26,8 @@ examples:
   forgetless train data.train=train.jsonl data.keep.general=wiki.jsonl model.name_or_path=Qwen/Qwen2.5-0.5B
   forgetless train run.yaml --nproc 2               # 2 processes (torchrun), same global batch
   forgetless eval runs/my-run --data old=old.jsonl --data new=new.jsonl
+  forgetless interpolate runs/my-run --min-keep 0.9        # WiSE-FT alpha sweep, writes the chosen model
+  forgetless train run.yaml methods.lora.r=16 methods.kl.weight=1  # anti-forgetting methods, combined
   forgetless config --markdown                      # every config key, its default and meaning
 
 Data: .jsonl/.json/.csv/.parquet/.txt files or hub dataset ids, with records
@@ -81,14 +83,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from forgetless.eval.run import evaluate
     from forgetless.models.loading import resolve_model_dir
 
-    data = {}
-    for item in args.data:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise UserError(f"--data {item!r}: expected NAME=PATH, e.g. --data old=old.jsonl")
-        if name in data:
-            raise UserError(f"--data {name}: the name is given twice; use distinct names")
-        data[name] = path
+    data = _named_paths(args.data, "--data")
     results = evaluate(
         args.model,
         data,
@@ -120,6 +115,56 @@ def _print_scores(results: dict, title: str) -> None:
     for name, r in results.items():
         table.add_row(name, str(r["examples"]), fmt(r, "loss"), fmt(r, "perplexity"), fmt(r, "token_accuracy"), fmt(r, "exact_match"))
     console.print(table)
+
+
+def _named_paths(items: list[str], flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"{flag} {item!r}: expected NAME=PATH, e.g. {flag} old=old.jsonl")
+        if name in out:
+            raise UserError(f"{flag} {name}: the name is given twice; use distinct names")
+        out[name] = path
+    return out
+
+
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    from forgetless.interpolate import primary_score, run_interpolation
+
+    try:
+        alphas = tuple(float(a) for a in args.alphas.split(","))
+    except ValueError:
+        raise UserError(f"--alphas {args.alphas!r}: expected numbers separated by commas, e.g. 0,0.25,0.5,0.75,1") from None
+    result = run_interpolation(
+        args.run, base=args.base, new=_named_paths(args.new, "--new"), keep=_named_paths(args.keep, "--keep"),
+        alphas=alphas, min_keep=args.min_keep, output=args.output, max_examples=args.max_examples,
+        generation=not args.no_generation, max_new_tokens=args.max_new_tokens, progress=True, overwrite=args.overwrite,
+    )
+    from rich.table import Table
+
+    from forgetless.progress import console
+
+    roles = result["roles"]
+    table = Table(title="weight interpolation: (1 - alpha) * base + alpha * fine-tuned", title_justify="left",
+                  caption="score = exact match where generated, else token accuracy", caption_justify="left")
+    table.add_column("alpha")
+    for name, role in roles.items():
+        table.add_column(f"{name} ({'learn' if role == 'new' else 'keep'})")
+    for p in result["points"]:
+        mark = " <- chosen" if p["alpha"] == result["selection"]["alpha"] else ""
+        table.add_row(f"{p['alpha']:g}{mark}", *(f"{primary_score(p['scores'][n]):.3f}" for n in roles))
+    console.print(table)
+    print(f"model at alpha {result['selection']['alpha']:g} written to {result['output']} (with interpolation.json and .csv)")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from forgetless.models.merge import merge_model
+
+    merge_model(args.model, args.output)
+    print(f"merged model written to {args.output}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -182,6 +227,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", default=None, help="chat template for 'messages' data when the tokenizer has none ('chatml' or Jinja)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "interpolate",
+        help="WiSE-FT: sweep (1-alpha)*base + alpha*fine-tuned, score old and new data, write the chosen model",
+        description="Interpolate between a base model and a fine-tuned one, score the new task and the keep "
+        "sets at each alpha, and write the chosen model (safetensors) with interpolation.json/.csv. From a run "
+        "directory, the base model and the eval/keep sets come from its config.yaml.",
+    )
+    p.add_argument("run", metavar="RUN_OR_MODEL", help="a run directory, or a fine-tuned model directory (then give --base)")
+    p.add_argument("--base", help="the base model (default: the run's model.name_or_path)")
+    p.add_argument("--new", action="append", metavar="NAME=PATH", help="new-task data to score (repeatable; default: the run's eval sets)")
+    p.add_argument("--keep", action="append", metavar="NAME=PATH", help="data to keep (repeatable; default: the run's keep sets)")
+    p.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="alphas to try (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--min-keep", type=float, default=None, metavar="FRACTION",
+                   help="choose the best new-task alpha whose keep sets retain this share of the base's score (default: best mean)")
+    p.add_argument("--output", "-o", help="where to write the chosen model (default RUN/interpolated)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--max-examples", type=int, default=256, help="records scored per set (default 256)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest generation for exact match (default 32)")
+    p.add_argument("--no-generation", action="store_true", help="skip greedy decoding; judge by token accuracy")
+    p.set_defaults(func=cmd_interpolate)
+
+    p = sub.add_parser(
+        "merge",
+        help="fold a LoRA run into its base model (standalone model directory)",
+        description="Write a standalone model from an adapter run: LoRA is merged into the base weights; "
+        "non-linear adapters (bottleneck) are saved with the base weights in one directory.",
+    )
+    p.add_argument("model", metavar="RUN_OR_ADAPTER", help="a run directory or an adapter directory")
+    p.add_argument("--output", "-o", required=True, help="directory to write the merged model to")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
         "demo",

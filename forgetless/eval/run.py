@@ -7,10 +7,44 @@ from typing import Optional, Union
 import torch
 
 from forgetless.config import DataConfig, DatasetSpec, ModelConfig
-from forgetless.data.formats import Encoder
+from forgetless.data.formats import Encoder, Example
 from forgetless.eval.scoring import score_examples
 from forgetless.models import load_model, load_tokenizer
 from forgetless.progress import eval_progress
+
+
+def load_eval_sets(
+    tokenizer,
+    data: dict[str, Union[str, DatasetSpec]],
+    *,
+    max_examples: Optional[int] = None,
+    max_length: int = 1024,
+    chat_template: Optional[str] = None,
+) -> dict[str, list[Example]]:
+    """Tokenized examples of each named dataset (a path string or a DatasetSpec)."""
+    from forgetless.recipes.finetune import encode_dataset
+
+    encoder = Encoder(tokenizer, DataConfig(max_length=max_length, chat_template=chat_template))
+    sets = {}
+    for name, spec in data.items():
+        spec = DatasetSpec(path=spec) if isinstance(spec, str) else spec
+        examples, _ = encode_dataset(encoder, [spec])
+        sets[name] = examples[:max_examples] if max_examples else examples
+    return sets
+
+
+def score_sets(model, tokenizer, sets: dict[str, list[Example]], *, batch_size: int = 16, generation: bool = True,
+               max_new_tokens: int = 32, progress: bool = False, label: str = "eval") -> dict[str, dict[str, float]]:
+    """Scores of an in-memory model on each set (see forgetless.eval.scoring)."""
+    device = next(model.parameters()).device
+    results = {}
+    for name, examples in sets.items():
+        with eval_progress(len(examples), f"{label} {name}", progress) as advance:
+            results[name] = score_examples(
+                model, examples, tokenizer, batch_size=batch_size, generation=generation,
+                max_new_tokens=max_new_tokens, device=device, on_batch=advance,
+            )
+    return results
 
 
 def evaluate(
@@ -30,25 +64,9 @@ def evaluate(
 
     Returns ``{name: {"loss", "perplexity", "token_accuracy", "exact_match", "examples", ...}}``.
     """
-    from forgetless.recipes.finetune import encode_dataset
-
     model_cfg = ModelConfig(name_or_path=str(model), trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(model_cfg)
-    specs = {name: DatasetSpec(path=s) if isinstance(s, str) else s for name, s in data.items()}
-    data_cfg = DataConfig(max_length=max_length, chat_template=chat_template)
-    encoder = Encoder(tokenizer, data_cfg)
-    sets = {}
-    for name, spec in specs.items():
-        examples, _ = encode_dataset(encoder, [spec])
-        sets[name] = examples[:max_examples] if max_examples else examples
+    sets = load_eval_sets(tokenizer, data, max_examples=max_examples, max_length=max_length, chat_template=chat_template)
     lm = load_model(model_cfg, tokenizer)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    lm.to(device)
-    results = {}
-    for name, examples in sets.items():
-        with eval_progress(len(examples), f"eval {name}", progress) as advance:
-            results[name] = score_examples(
-                lm, examples, tokenizer, batch_size=batch_size, generation=generation,
-                max_new_tokens=max_new_tokens, device=device, on_batch=advance,
-            )
-    return results
+    lm.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return score_sets(lm, tokenizer, sets, batch_size=batch_size, generation=generation, max_new_tokens=max_new_tokens, progress=progress)

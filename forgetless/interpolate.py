@@ -1,0 +1,196 @@
+"""Weight interpolation after training (WiSE-FT, Wortsman et al. 2022).
+
+``theta(alpha) = (1 - alpha) * theta_base + alpha * theta_finetuned``: alpha 0 is the base model,
+alpha 1 the fine-tuned one. Sweeping alpha and scoring the new task and the keep sets at each
+value shows the trade-off between what was learned and what was kept; the chosen model is
+written out as a standalone model directory.
+
+A LoRA run is merged into its base first (PEFT's ``merge_and_unload``), so interpolation then
+scales the low-rank update. Adapters that are not linear in the weights (bottleneck, mixture of
+experts) have no weight-space interpolation with the base; they are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from forgetless.errors import UserError
+
+
+@dataclass
+class SweepPoint:
+    alpha: float
+    scores: dict[str, dict[str, float]]
+
+
+def primary_score(metrics: dict[str, float]) -> float:
+    """The score a set is judged by: exact match when generated, else token accuracy."""
+    return metrics["exact_match"] if "exact_match" in metrics else metrics.get("token_accuracy", 0.0)
+
+
+def interpolate_state(base: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """``(1 - alpha) * base + alpha * finetuned`` for every tensor (floating point ones; others from finetuned)."""
+    if base.keys() != finetuned.keys():
+        missing = sorted(set(base) ^ set(finetuned))[:3]
+        raise UserError(f"cannot interpolate: the models have different parameters (e.g. {', '.join(missing)}); both must share one architecture")
+    out = {}
+    for k, b in base.items():
+        f = finetuned[k]
+        if b.shape != f.shape:
+            raise UserError(f"cannot interpolate: parameter {k} has shape {tuple(b.shape)} in the base and {tuple(f.shape)} in the fine-tuned model")
+        out[k] = torch.lerp(b.float(), f.float(), alpha).to(f.dtype) if f.is_floating_point() else f
+    return out
+
+
+def plain_weights(model) -> torch.nn.Module:
+    """A model with plain weights: LoRA merged in; other adapters refused."""
+    from forgetless.models.adapters import ADAPTER_KINDS, is_peft_model
+
+    if is_peft_model(model):
+        return model.merge_and_unload()
+    for kind in ADAPTER_KINDS.values():
+        if kind.detect(model):
+            raise UserError(f"cannot interpolate a model with {kind.name} adapters: they are not linear in the weights; interpolate full or LoRA fine-tunes")
+    return model
+
+
+def select_alpha(points: list[SweepPoint], roles: dict[str, str], min_keep: Optional[float] = None) -> SweepPoint:
+    """The chosen point.
+
+    Default ("balanced"): the highest mean primary score over all sets. With ``min_keep``: the
+    best mean new-task score among the points whose every keep set retains at least ``min_keep``
+    of its score at alpha = 0 (the base model); the smallest alpha wins ties.
+    """
+    new = [n for n, r in roles.items() if r == "new"] or list(roles)
+    keep = [n for n, r in roles.items() if r == "keep"]
+    base = min(points, key=lambda p: p.alpha)
+
+    def mean(p: SweepPoint, names: list[str]) -> float:
+        return sum(primary_score(p.scores[n]) for n in names) / max(len(names), 1)
+
+    candidates = points
+    if min_keep is not None:
+        candidates = [p for p in points if all(primary_score(p.scores[n]) >= min_keep * primary_score(base.scores[n]) for n in keep)]
+        if not candidates:
+            candidates = [base]
+        return max(candidates, key=lambda p: (mean(p, new), -p.alpha))
+    return max(candidates, key=lambda p: (mean(p, list(roles)), -p.alpha))
+
+
+class Interpolator:
+    """Holds the base and fine-tuned weights and sets a working model to any alpha.
+
+    Memory: the two state dicts plus the working model (three copies of the weights).
+    """
+
+    def __init__(self, base_model, finetuned_model):
+        self.base_state = {k: v.detach().clone() for k, v in plain_weights(base_model).state_dict().items()}
+        self.model = plain_weights(finetuned_model)
+        self.ft_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def at(self, alpha: float) -> torch.nn.Module:
+        self.model.load_state_dict(interpolate_state(self.base_state, self.ft_state, alpha))
+        return self.model
+
+
+def sweep(interp: Interpolator, tokenizer, sets: dict, alphas: list[float], *, batch_size: int = 16,
+          generation: bool = True, max_new_tokens: int = 32, progress: bool = False) -> list[SweepPoint]:
+    """Score the interpolated model on every set at each alpha."""
+    from forgetless.eval.run import score_sets
+
+    return [
+        SweepPoint(alpha, score_sets(interp.at(alpha), tokenizer, sets, batch_size=batch_size, generation=generation,
+                                     max_new_tokens=max_new_tokens, progress=progress, label=f"alpha {alpha:g}"))
+        for alpha in alphas
+    ]
+
+
+def run_interpolation(
+    run_or_model: str,
+    *,
+    base: Optional[str] = None,
+    new: Optional[dict[str, str]] = None,
+    keep: Optional[dict[str, str]] = None,
+    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    min_keep: Optional[float] = None,
+    output: Optional[str] = None,
+    max_examples: Optional[int] = 256,
+    batch_size: int = 16,
+    generation: bool = True,
+    max_new_tokens: int = 32,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> dict:
+    """Sweep alpha between a base and a fine-tuned model, write the chosen model and the table.
+
+    ``run_or_model`` is a forgetless run directory (its base model and eval / keep sets are
+    taken from its config.yaml unless given) or a fine-tuned model directory (then ``base`` and
+    the sets must be given).
+    """
+    from forgetless.config import ModelConfig, load_config
+    from forgetless.eval.run import load_eval_sets
+    from forgetless.models import load_model, load_tokenizer
+    from forgetless.models.loading import resolve_model_dir
+
+    if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
+        raise UserError(f"--alphas {list(alphas)}: give values between 0 and 1, e.g. 0,0.25,0.5,0.75,1")
+    run_dir = Path(run_or_model)
+    is_run = (run_dir / "config.yaml").is_file() and (run_dir / "model").is_dir()
+    ft_dir = resolve_model_dir(run_or_model)
+    if not Path(ft_dir).is_dir():
+        raise UserError(f"{run_or_model}: not a run or model directory; give a run directory or a fine-tuned model folder")
+    out = Path(output) if output else (run_dir / "interpolated" if is_run else Path(ft_dir).parent / "interpolated")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: already exists; pass --overwrite to replace it, or choose --output")
+    run_cfg = load_config(run_dir / "config.yaml") if is_run else None
+    if base is not None:
+        base_cfg, base_seed = ModelConfig(name_or_path=base), 0
+    elif run_cfg is not None:
+        base_cfg, base_seed = run_cfg.model, run_cfg.train.seed  # 'tiny' rebuilds the same random init from the seed
+    else:
+        raise UserError(f"{run_or_model}: not a run directory, so give the base model with --base")
+    new, keep = dict(new or {}), dict(keep or {})
+    if run_cfg is not None and not new and not keep:
+        new = {name: spec for name, spec in run_cfg.data.eval.items()} or {"task": run_cfg.data.train[0]}
+        keep = dict(run_cfg.data.keep)
+    if not new and not keep:
+        raise UserError("no data to score: give --new NAME=PATH and/or --keep NAME=PATH")
+    overlap = set(new) & set(keep)
+    if overlap:
+        raise UserError(f"the name {sorted(overlap)[0]!r} is given both as --new and --keep; use distinct names")
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=ft_dir))
+    max_length = run_cfg.data.max_length if run_cfg is not None else 1024
+    sets = load_eval_sets(tokenizer, {**new, **keep}, max_examples=max_examples, max_length=max_length)
+    roles = {**{n: "new" for n in new}, **{n: "keep" for n in keep}}
+    base_model = load_model(base_cfg, load_tokenizer(base_cfg), seed=base_seed)
+    ft_model = load_model(ModelConfig(name_or_path=ft_dir), tokenizer)
+    interp = Interpolator(base_model, ft_model)
+    points = sweep(interp, tokenizer, sets, sorted(set(alphas)), batch_size=batch_size, generation=generation,
+                   max_new_tokens=max_new_tokens, progress=progress)
+    chosen = select_alpha(points, roles, min_keep)
+    model = interp.at(chosen.alpha)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    result = {
+        "base": base_cfg.name_or_path,
+        "finetuned": ft_dir,
+        "roles": roles,
+        "selection": {"rule": "min_keep" if min_keep is not None else "balanced", "min_keep": min_keep, "alpha": chosen.alpha},
+        "points": [{"alpha": p.alpha, "scores": p.scores} for p in points],
+        "output": str(out),
+    }
+    (out / "interpolation.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    with open(out / "interpolation.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["alpha", "set", "role", "loss", "token_accuracy", "exact_match"])
+        for p in points:
+            for name, m in p.scores.items():
+                w.writerow([p.alpha, name, roles[name], m.get("loss"), m.get("token_accuracy"), m.get("exact_match", "")])
+    return result

@@ -1,0 +1,73 @@
+"""WiSE-FT weight interpolation: alpha 0 is the base, alpha 1 the fine-tuned model."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from forgetless.cli import main
+from forgetless.errors import UserError
+from forgetless.interpolate import Interpolator, SweepPoint, interpolate_state, run_interpolation, select_alpha
+
+pytestmark = pytest.mark.slow
+
+
+def test_alpha_0_and_1_reproduce_base_and_finetuned(scenario):
+    run = scenario.plain
+    base = AutoModelForCausalLM.from_pretrained(scenario.base_dir)
+    ft = AutoModelForCausalLM.from_pretrained(run.run_dir / "model")
+    ids = torch.tensor([[5, 17, 300, 41, 9, 77]])
+    with torch.no_grad():
+        want_base, want_ft = base(ids).logits, ft(ids).logits
+        interp = Interpolator(base, AutoModelForCausalLM.from_pretrained(run.run_dir / "model"))
+        assert torch.equal(interp.at(0.0)(ids).logits, want_base)
+        assert torch.equal(interp.at(1.0)(ids).logits, want_ft)
+        half = interpolate_state(interp.base_state, interp.ft_state, 0.5)
+        k = "model.layers.0.mlp.up_proj.weight"
+        torch.testing.assert_close(half[k], (interp.base_state[k] + interp.ft_state[k]) / 2)
+
+
+def test_sweep_trades_new_for_old_and_writes_the_chosen_model(scenario, tmp_path):
+    run = scenario.plain
+    out = tmp_path / "interp"
+    result = run_interpolation(str(run.run_dir), alphas=(0.0, 0.5, 1.0), min_keep=0.8, output=str(out), generation=False)
+    pts = {p["alpha"]: p["scores"] for p in result["points"]}
+    assert result["roles"] == {"elements": "new", "capitals": "keep"}
+    # the base keeps the capitals better than the fine-tuned model, which knows the elements better
+    assert pts[0.0]["capitals"]["loss"] < pts[1.0]["capitals"]["loss"]
+    assert pts[1.0]["elements"]["loss"] < pts[0.0]["elements"]["loss"]
+    chosen = result["selection"]["alpha"]
+    assert pts[chosen]["capitals"]["token_accuracy"] >= 0.8 * pts[0.0]["capitals"]["token_accuracy"]
+    # the saved model is the interpolated one
+    saved = json.loads((out / "interpolation.json").read_text())
+    assert saved["selection"]["alpha"] == chosen and (out / "interpolation.csv").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    interp = Interpolator(AutoModelForCausalLM.from_pretrained(scenario.base_dir), AutoModelForCausalLM.from_pretrained(run.run_dir / "model"))
+    ids = torch.tensor([[5, 17, 300, 41]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, interp.at(chosen)(ids).logits)
+    # refuses to overwrite without being asked
+    with pytest.raises(UserError, match="already exists"):
+        run_interpolation(str(run.run_dir), alphas=(0.0, 1.0), output=str(out), generation=False)
+
+
+def test_selection_rules():
+    roles = {"new": "new", "old": "keep"}
+    pts = [
+        SweepPoint(0.0, {"new": {"exact_match": 0.0}, "old": {"exact_match": 1.0}}),
+        SweepPoint(0.5, {"new": {"exact_match": 0.6}, "old": {"exact_match": 0.9}}),
+        SweepPoint(1.0, {"new": {"exact_match": 1.0}, "old": {"exact_match": 0.2}}),
+    ]
+    assert select_alpha(pts, roles).alpha == 0.5  # best mean: 0.75
+    assert select_alpha(pts, roles, min_keep=0.85).alpha == 0.5
+    assert select_alpha(pts, roles, min_keep=0.1).alpha == 1.0
+    assert select_alpha(pts, roles, min_keep=1.0).alpha == 0.0
+
+
+def test_bad_inputs(tmp_path, capsys):
+    assert main(["interpolate", str(tmp_path), "--alphas", "0,2"]) == 2
+    assert "give values between 0 and 1" in capsys.readouterr().err
+    assert main(["interpolate", str(tmp_path / "nope")]) == 2
+    assert "not a run or model directory" in capsys.readouterr().err
+    assert main(["interpolate", str(tmp_path), "--alphas", "a,b"]) == 2
