@@ -1,0 +1,144 @@
+"""Cost of each anti-forgetting method: step time and peak memory, as ratios, in one run.
+
+Every configuration trains the same model on the same data for the same steps, each in a fresh
+subprocess (so peak memory is its own). Step time is the median wall time of the optimiser steps
+after a warm-up (from metrics.jsonl); memory is the peak resident memory of the process above
+what it held after its imports (on a GPU: torch.cuda.max_memory_allocated). Ratios are to plain
+full fine-tuning, and for adapter-based methods also to plain LoRA.
+
+    python benchmarks/overhead.py                     # prints a markdown table, writes benchmarks/overhead.json
+    python benchmarks/overhead.py --steps 30 --hidden 512 --layers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# name -> (method overrides, reference for the second ratio, targets: (max time ratio, to what))
+CONFIGS: dict[str, tuple[list[str], str]] = {
+    "full fine-tuning": ([], "full fine-tuning"),
+    "freeze (last half)": (["methods.freeze.train_last_n={half}"], "full fine-tuning"),
+    "l2sp": (["methods.l2sp.weight=0.01"], "full fine-tuning"),
+    "ewc": (["methods.ewc.lambda=100", "methods.ewc.data=demo:capitals", "methods.ewc.samples=32"], "full fine-tuning"),
+    "kl (frozen copy)": (["methods.kl.weight=1"], "full fine-tuning"),
+    "mix 25%": (["methods.mix.sources.general=demo:capitals", "methods.mix.ratio=0.25"], "full fine-tuning"),
+    "replay 25%": (["methods.replay.memory=[demo:capitals]", "methods.replay.size_examples=64", "methods.replay.ratio=0.25"], "full fine-tuning"),
+    "lora": (["methods.lora.r=8"], "lora"),
+    "lora + ewc": (["methods.lora.r=8", "methods.ewc.lambda=100", "methods.ewc.data=demo:capitals", "methods.ewc.samples=32"], "lora"),
+    "lora + l2sp": (["methods.lora.r=8", "methods.l2sp.weight=0.01"], "lora"),
+    "lora + kl (adapters off)": (["methods.lora.r=8", "methods.kl.weight=1"], "lora"),
+    "bottleneck": (["methods.bottleneck=true"], "lora"),
+    "moe_lora (4 experts)": (["methods.moe_lora.num_experts=4", "methods.moe_lora.top_k=2", "methods.moe_lora.r=8"], "lora"),
+    "olora": (["methods.olora=true"], "lora"),
+}
+
+TARGETS = {  # from the issue: (config, reference, max ratio)
+    "l2sp": 1.10, "ewc": 1.10, "lora + ewc": 1.10, "lora + l2sp": 1.10,
+    "kl (frozen copy)": 1.6, "lora + kl (adapters off)": 1.6,
+    "mix 25%": 1.05, "replay 25%": 1.05, "moe_lora (4 experts)": 1.5,
+}
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one configuration and print its measurements as JSON."""
+    import torch
+
+    import forgetless
+
+    base_rss = _rss_bytes()
+    overrides = json.loads(args.overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = forgetless.load_config(None, [
+            "model.name_or_path=tiny",
+            f"model.tiny.hidden_size={args.hidden}", f"model.tiny.intermediate_size={args.hidden * 8 // 3}",
+            f"model.tiny.num_layers={args.layers}", "model.tiny.num_heads=8", "model.tiny.num_kv_heads=4",
+            "data.train=demo:elements", f"output.dir={tmp}/run", "output.progress=false", "output.log_every=1",
+            "output.save_model=false", "eval.before=false", "eval.generation=false", "eval.max_examples=8",
+            f"train.max_steps={args.steps}", f"train.micro_batch_size={args.batch}", "train.lr=1e-4", "data.max_length=64",
+            *overrides,
+        ])
+        result = forgetless.train(cfg)
+        recs = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [r["elapsed_s"] for r in recs if "loss" in r]
+    step_times = [b - a for a, b in zip(elapsed, elapsed[1:])][args.warmup:]
+    tokens = result.train["tokens"] / result.train["steps"]
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss_bytes() - base_rss
+    print(json.dumps({
+        "step_s": statistics.median(step_times),
+        "tokens_per_step": tokens,
+        "peak_bytes": peak,
+        "trainable_params": result.train["trainable_params"],
+        "total_params": result.train["total_params"],
+    }))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--only", nargs="*", help="names of configurations to run")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--overrides", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args)
+        return
+    results = {}
+    for name, (overrides, _) in CONFIGS.items():
+        if args.only and name not in args.only:
+            continue
+        overrides = [o.replace("{half}", str(args.layers // 2)) for o in overrides]
+        cmd = [sys.executable, __file__, "--child", "--overrides", json.dumps(overrides), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--hidden", str(args.hidden), "--layers", str(args.layers), "--batch", str(args.batch)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{name}: {results[name]['step_s'] * 1000:.1f} ms/step", file=sys.stderr)
+    Path(__file__).with_name("overhead.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    print(markdown(results, args))
+
+
+def markdown(results: dict, args) -> str:
+    full = results.get("full fine-tuning")
+    lines = [
+        f"Model: tiny Llama, hidden {args.hidden}, {args.layers} layers; batch {args.batch}; {args.steps} steps "
+        f"(median step time after {args.warmup} warm-up steps).",
+        "",
+        "| method | step time vs full FT | vs its base (plain LoRA for adapters) | target | per token vs base | peak memory vs full FT | trainable params |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in results.items():
+        ref = results.get(CONFIGS[name][1])
+        vs_full = r["step_s"] / full["step_s"] if full else float("nan")
+        vs_ref = r["step_s"] / ref["step_s"] if ref else float("nan")
+        per_token = (r["step_s"] / r["tokens_per_step"]) / (ref["step_s"] / ref["tokens_per_step"]) if ref else float("nan")
+        mem = r["peak_bytes"] / full["peak_bytes"] if full else float("nan")
+        target = f"<= {TARGETS[name]:.2f}x" if name in TARGETS else ""
+        lines.append(f"| {name} | {vs_full:.2f}x | {vs_ref:.2f}x | {target} | {per_token:.2f}x | {mem:.2f}x | {r['trainable_params']:,} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
