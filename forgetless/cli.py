@@ -162,8 +162,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from forgetless.models.merge import merge_model
 
-    merge_model(args.model, args.output)
-    print(f"merged model written to {args.output}")
+    print(merge_model(args.model, args.output))
     return 0
 
 

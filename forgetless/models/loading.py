@@ -101,7 +101,14 @@ def _load_adapter(path: Path, cfg: ModelConfig):
 
     peft_cfg = PeftConfig.from_pretrained(str(path))
     base_name = peft_cfg.base_model_name_or_path
-    base_cfg = ModelConfig(name_or_path=base_name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
+    if not base_name:
+        raise UserError(f"{path}: adapter_config.json names no base model (base_model_name_or_path); set it to the base's hub id or directory")
+    # A relative base (e.g. "base_model", saved beside the adapter) is relative to the adapter
+    # directory, so a run directory can be moved.
+    beside = path / base_name
+    if not Path(base_name).is_absolute() and beside.is_dir():
+        base_name = str(beside)
+    base_cfg = ModelConfig(name_or_path=base_name, revision=peft_cfg.revision or cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
     base = load_model(base_cfg, load_tokenizer(base_cfg))
     return PeftModel.from_pretrained(base, str(path))
 
