@@ -205,7 +205,7 @@ def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResul
     # Everything that can fail on user input happens before the run directory is touched.
     tokenizer = load_tokenizer(cfg.model)
     train_examples, train_stats, eval_sets = prepare_data(cfg, tokenizer)
-    model = load_model(cfg.model, tokenizer, seed=t.seed)
+    model = load_model(cfg.model, tokenizer, seed=t.seed).to(accelerator.device)  # methods compute on it before prepare()
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and cfg.data.max_length > context:
         raise ConfigError(f"data.max_length ({cfg.data.max_length}) exceeds the model's context ({context}); set data.max_length<={context}")

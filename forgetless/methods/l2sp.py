@@ -1,0 +1,65 @@
+"""L2-SP: pull the weights toward their starting point instead of toward zero.
+
+    penalty = weight / 2 * ||theta - theta_0||^2
+
+over the trainable parameters, with ``theta_0`` the weights at the start of the run (Li, Grandvalet
+& Davoine 2018, "Explicit inductive bias for transfer learning with convolutional networks",
+ICML). It is EWC with every Fisher value equal to one: it needs no old data, and treats every
+weight as equally important. Added once per optimiser step, next to the token-mean LM loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from forgetless.config import option
+from forgetless.errors import ConfigError
+from forgetless.methods.base import Context, Method, register
+from forgetless.methods.ewc import anchored_squares
+from forgetless.methods.fisher import trainable
+
+
+@dataclass
+class L2SPConfig:
+    """Squared distance to the starting weights."""
+
+    weight: float = option(0.01, "alpha: strength of the penalty weight/2 * ||theta - theta_0||^2.")
+
+    def validate(self, where: str) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"{where}.weight must be >= 0, got {self.weight}")
+
+
+class L2SP(Method):
+    name = "l2sp"
+
+    def __init__(self, cfg: L2SPConfig):
+        self.cfg = cfg
+        self.names: list[str] = []
+        self.params: list[torch.nn.Parameter] = []
+        self.anchors: list[torch.Tensor] = []
+
+    def before_train(self, model, ctx: Context) -> None:
+        params = trainable(model)
+        self.names = list(params)
+        self.params = list(params.values())
+        self.anchors = [p.detach().clone() for p in self.params]
+
+    def step_terms(self, model) -> dict[str, torch.Tensor]:
+        if self.anchors and self.anchors[0].device != self.params[0].device:  # the recipe moved the model
+            self.anchors = [a.to(p.device) for a, p in zip(self.anchors, self.params)]
+        return {"l2sp": anchored_squares(self.params, self.anchors, self.cfg.weight)}
+
+    def state_dict(self) -> dict:
+        return {f"anchor.{n}": a for n, a in zip(self.names, self.anchors)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.anchors = [state[f"anchor.{n}"] for n in self.names]
+
+    def describe(self) -> dict:
+        return {"weight": self.cfg.weight, "anchored_params": sum(a.numel() for a in self.anchors)}
+
+
+register("l2sp", L2SPConfig, L2SP, "L2-SP: a squared-distance penalty pulling the weights toward their starting values.", order=61)
