@@ -102,10 +102,15 @@ def test_reference_doc_is_current():
 
 
 def test_every_example_config_validates():
+    from forgetless.methods import REGISTRY
+
     examples = sorted((ROOT / "configs" / "examples").glob("*.yaml"))
     assert examples, "no example configs"
+    covered = set()
     for path in examples:
         cfg = load_config(path)
+        covered |= set(cfg.methods)
         assert yaml.safe_load(path.read_text())  # not empty
         for spec in cfg.data.train:
             assert spec.path.startswith("demo:") or Path(spec.path).exists(), f"{path}: {spec.path} missing"
+    assert covered == set(REGISTRY), f"methods without an example config: {sorted(set(REGISTRY) - covered)}"

@@ -1,11 +1,15 @@
-"""``forgetless demo``: watch catastrophic forgetting happen, offline, in a few minutes.
+"""``forgetless demo``: watch catastrophic forgetting happen, and each remedy against it, offline.
 
 1. *Old knowledge.* A tiny Llama (random init, its own tokenizer) learns the capitals of 178
    countries from ``demo:capitals`` until it recalls nearly all of them.
-2. *New task.* That model is fine-tuned, with plain full fine-tuning, on the chemical symbols of
-   86 elements (``demo:elements``), while ``demo:capitals`` is scored as a keep set.
-3. *The evidence.* Exact match and loss on both tasks before and after the fine-tuning, in a
-   table, ``report.md``, ``report.html`` and ``results.json``. Every number comes from this run.
+2. *New task.* That model is fine-tuned on the chemical symbols of 86 elements
+   (``demo:elements``), while ``demo:capitals`` is scored as a keep set: with plain full
+   fine-tuning, and then with each anti-forgetting method, on the same base, data and seed.
+   Methods that need old data (EWC's Fisher, replay, mixing, self-synthesized replay's prompts)
+   get the capitals, as a user would give them their old task's data.
+3. *The evidence.* Exact match and loss on both tasks before and after, time and trainable
+   parameters per strategy, in a table, ``report.md``, ``report.html`` and ``results.json``.
+   Every number comes from this run; a method that learns less of the new task shows it.
 
 Both stages are ordinary :func:`forgetless.train` calls; the demo is a short script over the API.
 """
@@ -19,6 +23,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 from forgetless.config import load_config
 from forgetless.errors import UserError
@@ -32,8 +37,26 @@ BASE_TRAINING = ["train.epochs=40", "train.lr=2e-3"]
 FINETUNING = ["train.epochs=20", "train.lr=1e-3"]
 
 # Strategies compared on the same base model, data and seed: name -> config overrides.
+# Adapter methods train fewer parameters and get the higher learning rate adapters usually use.
+ADAPTER_LR = "train.lr=3e-3"
 STRATEGIES: dict[str, list[str]] = {
     "full fine-tuning": [],
+    "freeze (last block)": ["methods.freeze.train_last_n=1"],
+    "freeze (by importance)": ["methods.freeze.by_importance=1", "methods.freeze.importance_samples=32"],
+    "lora": ["methods.lora.r=8", ADAPTER_LR],
+    "dora": ["methods.lora.r=8", "methods.lora.variant=dora", ADAPTER_LR],
+    "bottleneck adapters": ["methods.bottleneck.size=32", ADAPTER_LR],
+    "ewc": ["methods.ewc.weight=100000", "methods.ewc.samples=64"],
+    "l2-sp": ["methods.l2sp.weight=1"],
+    "kl distillation": ["methods.kl.weight=2"],
+    "mix old data 25%": ["methods.mix.sources.capitals=demo:capitals", "methods.mix.ratio=0.25"],
+    "replay (40 examples)": ["methods.replay.memory=[demo:capitals]", "methods.replay.size_examples=40", "methods.replay.ratio=0.25"],
+    "self-synthesized replay": ["methods.synthetic_replay.prompts=demo:capitals", "methods.synthetic_replay.num_samples=64",
+                                "methods.synthetic_replay.temperature=0", "methods.synthetic_replay.max_new_tokens=8", "methods.synthetic_replay.ratio=0.25"],
+    "moe lora (4 experts)": ["methods.moe_lora.num_experts=4", "methods.moe_lora.top_k=2", ADAPTER_LR],
+    "o-lora": ["methods.olora=true", ADAPTER_LR],
+    "lora + replay + kl": ["methods.lora.r=8", ADAPTER_LR, "methods.replay.memory=[demo:capitals]", "methods.replay.size_examples=40",
+                           "methods.replay.ratio=0.25", "methods.kl.weight=2"],
 }
 
 
@@ -51,9 +74,16 @@ def _common(out: Path, name: str) -> list[str]:
     ]
 
 
-def run_demo(out: Path, overwrite: bool = False) -> dict:
-    """Run the demo into ``out``; returns what results.json holds."""
+def run_demo(out: Path, overwrite: bool = False, strategies: Optional[list[str]] = None) -> dict:
+    """Run the demo into ``out`` (all strategies, or the named ones); returns what results.json holds."""
     import forgetless
+
+    chosen = list(STRATEGIES) if not strategies else strategies
+    unknown = [s for s in chosen if s not in STRATEGIES and s != "wise-ft"]
+    if unknown:
+        raise UserError(f"--strategies: unknown {unknown[0]!r}; choose from {', '.join(list(STRATEGIES) + ['wise-ft'])}")
+    if "full fine-tuning" not in chosen:
+        chosen.insert(0, "full fine-tuning")  # the reference every method is compared with
 
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -74,7 +104,8 @@ def run_demo(out: Path, overwrite: bool = False) -> dict:
     console.print(f"base model: capitals exact match {base.after['capitals']['exact_match']:.1%}")
 
     results = {"base": {"train": base.train, "scores": base.after}, "strategies": {}}
-    for name, overrides in STRATEGIES.items():
+    for name in (c for c in chosen if c != "wise-ft"):
+        overrides = STRATEGIES[name]
         console.rule(f"[bold]2. fine-tuning on element symbols (new task): {name}")
         cfg = load_config(None, [
             f"model.name_or_path={out / 'base' / 'model'}", *_common(out, _slug(name)),
@@ -83,6 +114,9 @@ def run_demo(out: Path, overwrite: bool = False) -> dict:
         ])
         r = forgetless.train(cfg)
         results["strategies"][name] = {"before": r.before, "after": r.after, "train": r.train, "run_dir": str(r.run_dir)}
+    if not strategies or "wise-ft" in strategies:
+        console.rule("[bold]3. weight interpolation (WiSE-FT) of the full fine-tuning with its base")
+        results["strategies"]["wise-ft (interpolated)"] = _wise_ft(out, results["strategies"]["full fine-tuning"])
     results["elapsed_s"] = round(time.perf_counter() - started, 1)
     results["schedule"] = {"base": BASE_TRAINING, "finetune": FINETUNING}
     (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
@@ -92,6 +126,19 @@ def run_demo(out: Path, overwrite: bool = False) -> dict:
     (out / "report.html").write_text(report_html(rows, results), encoding="utf-8")
     console.print(f"demo finished in {results['elapsed_s']:.0f}s; report: {out / 'report.html'} (also report.md, results.json)")
     return results
+
+
+def _wise_ft(out: Path, full: dict) -> dict:
+    """Interpolate the full fine-tuning with its base; the chosen alpha is scored like the others."""
+    from forgetless.interpolate import run_interpolation
+
+    started = time.perf_counter()
+    result = run_interpolation(full["run_dir"], alphas=(0.0, 0.25, 0.5, 0.75, 1.0), output=str(out / "wise-ft"),
+                               max_new_tokens=8, batch_size=64, overwrite=True)
+    chosen = next(p for p in result["points"] if p["alpha"] == result["selection"]["alpha"])
+    train = dict(full["train"], train_time_s=full["train"]["train_time_s"] + time.perf_counter() - started)
+    return {"before": full["before"], "after": chosen["scores"], "train": train, "run_dir": result["output"],
+            "alpha": result["selection"]["alpha"], "sweep": result["points"]}
 
 
 def _slug(name: str) -> str:
