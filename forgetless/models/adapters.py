@@ -47,7 +47,9 @@ def has_adapters(model) -> bool:
 
 @contextmanager
 def adapters_disabled(model) -> Iterator[None]:
-    """Run ``model`` as its base model inside this context (every adapter kind it carries)."""
+    """Run ``model`` as the model its training run started from: its base model, or, for adapter
+    kinds that keep earlier tasks' frozen adapters next to a training one (olora, expansion), the
+    base plus those. Inference-only models (nothing trains) run as their base."""
     with ExitStack() as stack:
         if is_peft_model(model):
             stack.enter_context(model.disable_adapter())
