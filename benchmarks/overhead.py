@@ -60,9 +60,9 @@ def child(args: argparse.Namespace) -> None:
             "model.name_or_path=tiny",
             f"model.tiny.hidden_size={args.hidden}", f"model.tiny.intermediate_size={args.hidden * 8 // 3}",
             f"model.tiny.num_layers={args.layers}", "model.tiny.num_heads=8", "model.tiny.num_kv_heads=4",
-            "data.train=demo:elements", f"output.dir={tmp}/run", "output.progress=false", "output.log_every=1",
+            f"data.train={args.data}", f"output.dir={tmp}/run", "output.progress=false", "output.log_every=1",
             "output.save_model=false", "eval.before=false", "eval.generation=false", "eval.max_examples=8",
-            f"train.max_steps={args.steps}", f"train.micro_batch_size={args.batch}", "train.lr=1e-4", "data.max_length=64",
+            f"train.max_steps={args.steps}", f"train.micro_batch_size={args.batch}", "train.lr=1e-4", f"data.max_length={args.max_length}",
             *overrides,
         ])
         result = forgetless.train(cfg)
@@ -96,7 +96,10 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--data", default="demo:elements", help="training data (default demo:elements: short prompts)")
+    p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--only", nargs="*", help="names of configurations to run")
+    p.add_argument("--json", help="where to write the results (default benchmarks/overhead.json)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--overrides", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -109,21 +112,23 @@ def main() -> None:
             continue
         overrides = [o.replace("{half}", str(args.layers // 2)) for o in overrides]
         cmd = [sys.executable, __file__, "--child", "--overrides", json.dumps(overrides), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--hidden", str(args.hidden), "--layers", str(args.layers), "--batch", str(args.batch)]
+               "--warmup", str(args.warmup), "--hidden", str(args.hidden), "--layers", str(args.layers), "--batch", str(args.batch),
+               "--data", args.data, "--max-length", str(args.max_length)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
             continue
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{name}: {results[name]['step_s'] * 1000:.1f} ms/step", file=sys.stderr)
-    Path(__file__).with_name("overhead.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    Path(args.json or Path(__file__).with_name("overhead.json")).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     print(markdown(results, args))
 
 
 def markdown(results: dict, args) -> str:
     full = results.get("full fine-tuning")
     lines = [
-        f"Model: tiny Llama, hidden {args.hidden}, {args.layers} layers; batch {args.batch}; {args.steps} steps "
+        f"Model: tiny Llama, hidden {args.hidden}, {args.layers} layers; data {args.data}, max length {args.max_length}, "
+        f"batch {args.batch}; {args.steps} steps "
         f"(median step time after {args.warmup} warm-up steps).",
         "",
         "| method | step time vs full FT | vs its base (plain LoRA for adapters) | target | per token vs base | peak memory vs full FT | trainable params |",
