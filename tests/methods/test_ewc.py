@@ -17,13 +17,7 @@ SHAPE = TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_
 TOK = load_tiny_tokenizer()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention (tens of times slower on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def setup(*overrides: str, keep: bool = True):
