@@ -20,7 +20,6 @@ weights: ``forgetless merge`` writes the base weights together with the adapter 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -31,7 +30,7 @@ from torch import nn
 from forgetless.config import option
 from forgetless.errors import ConfigError, UserError
 from forgetless.methods.base import Context, Method, register
-from forgetless.models.adapters import ADAPTER_FILE, AdapterKind, is_peft_model, register_adapter_kind
+from forgetless.models.adapters import ADAPTER_FILE, AdapterKind, is_peft_model, register_adapter_kind, switched_off
 
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
@@ -174,17 +173,8 @@ def _settings(model) -> dict:
     return {"hidden_size": first.down.in_features, "size": first.down.out_features, "activation": first.activation, "modules": [n for n, _ in found]}
 
 
-@contextmanager
 def _disabled(model):
-    adapters = [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
-    states = [a.enabled for a in adapters]
-    for a in adapters:
-        a.enabled = False
-    try:
-        yield
-    finally:
-        for a, s in zip(adapters, states):
-            a.enabled = s
+    return switched_off(m for m in model.modules() if isinstance(m, BottleneckAdapter))
 
 
 def _save(model, out_dir, base_ref) -> None:

@@ -32,7 +32,6 @@ methods.expansion adds experts to the same module.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -45,7 +44,7 @@ from forgetless.config import option
 from forgetless.data.batching import count_targets
 from forgetless.errors import ConfigError, UserError
 from forgetless.methods.base import Context, Method, register
-from forgetless.models.adapters import ADAPTER_FILE, ADAPTER_KINDS, AdapterKind, is_peft_model, register_adapter_kind
+from forgetless.models.adapters import ADAPTER_FILE, ADAPTER_KINDS, AdapterKind, is_peft_model, register_adapter_kind, switched_off
 
 KIND = "moe_lora"
 EXPERTS = "moe_lora_experts"  # child module of each target layer; the prefix of every added parameter
@@ -345,17 +344,6 @@ def _load(base, adapter_dir):
     return base
 
 
-@contextmanager
-def switched_off(layers):
-    """Inside the context the given adapter layers are disabled (see ``LoRAExperts.active``)."""
-    states = [layer.enabled for layer in layers]
-    for layer in layers:
-        layer.enabled = False
-    try:
-        yield
-    finally:
-        for layer, state in zip(layers, states):
-            layer.enabled = state
 
 
 # ------------------------------------------------------------------------------------------------

@@ -46,6 +46,20 @@ def has_adapters(model) -> bool:
 
 
 @contextmanager
+def switched_off(modules) -> Iterator[None]:
+    """Inside the context the given adapter modules (each with an ``enabled`` flag) add nothing."""
+    modules = list(modules)
+    states = [m.enabled for m in modules]
+    for m in modules:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m, state in zip(modules, states):
+            m.enabled = state
+
+
+@contextmanager
 def adapters_disabled(model) -> Iterator[None]:
     """Run ``model`` as the model its training run started from: its base model, or, for adapter
     kinds that keep earlier tasks' frozen adapters next to a training one (olora, expansion), the
