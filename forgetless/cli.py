@@ -25,9 +25,11 @@ examples:
   forgetless train run.yaml train.lr=1e-4 output.dir=runs/lr1e-4
   forgetless train data.train=train.jsonl data.keep.general=wiki.jsonl model.name_or_path=Qwen/Qwen2.5-0.5B
   forgetless train run.yaml --nproc 2               # 2 processes (torchrun), same global batch
+  forgetless train run.yaml --resume                # continue a crashed run from its last checkpoint
   forgetless eval runs/my-run --data old=old.jsonl --data new=new.jsonl
   forgetless interpolate runs/my-run --min-keep 0.9        # WiSE-FT alpha sweep, writes the chosen model
   forgetless train run.yaml methods.lora.r=16 methods.kl.weight=1  # anti-forgetting methods, combined
+  forgetless report runs/my-sequence                # report.html, results.csv, summary.md of a comparison
   forgetless config --markdown                      # every config key, its default and meaning
 
 Data: .jsonl/.json/.csv/.parquet/.txt files or hub dataset ids, with records
@@ -51,6 +53,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"output.dir={args.output_dir}")
     if args.overwrite:
         overrides.append("output.overwrite=true")
+    if args.resume:
+        if args.overwrite:
+            raise UserError("--resume and --overwrite exclude each other: --resume continues the run in the output directory, --overwrite replaces it")
+        overrides.append("output.resume=true")
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         cfg = load_config(config, overrides)  # validate before starting processes
         return _relaunch(args.nproc, args.argv)
@@ -79,14 +85,73 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def cmd_continual(args: argparse.Namespace, compare: bool = False) -> int:
+    from forgetless.config import load_config
+    from forgetless.recipes.continual import run_sequence
+
+    config, overrides = _split_config_and_overrides(args.config_and_overrides)
+    if args.output_dir:
+        overrides.append(f"output.dir={args.output_dir}")
+    if args.overwrite:
+        overrides.append("output.overwrite=true")
+    if args.baselines is not None:
+        names = [b.strip() for b in args.baselines.split(",") if b.strip()]
+        overrides.append(f"continual.baselines=[{', '.join(names)}]")
+    cfg = load_config(config, overrides)
+    result = run_sequence(cfg, compare=compare, resume=args.resume)
+    print_sequence_table(result.results)
+    for kind, path in result.files.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    return cmd_continual(args, compare=True)
+
+
+def print_sequence_table(results: dict) -> None:
+    """The comparison table of a task sequence (rows: strategies)."""
+    from rich.table import Table
+
+    from forgetless.progress import console
+
+    num = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
+    general = results["general"]
+    table = Table(title=f"task sequence: {' -> '.join(results['tasks'])}", title_justify="left",
+                  caption="final/incr: mean headline score of all tasks at the end / over tasks seen so far; BWT < 0 and "
+                  "forget > 0: forgotten; gen: perplexity change on each data.keep probe (negative = worse); * baseline",
+                  caption_justify="left")
+    for col in ("strategy", "final", "incr", "BWT", "FWT", "forget", *(f"gen {g}" for g in general), "train s", "params", "peak MB"):
+        table.add_column(col, no_wrap=True)
+    for name, s in results["strategies"].items():
+        m = s["summary"]
+        table.add_row(
+            name + ("*" if s.get("baseline") else ""),
+            num(m["final_average"]), num(m["average_incremental"]), num(m["bwt"], "{:+.3f}"), num(m["fwt"], "{:+.3f}"),
+            num(m["forgetting"]), *(num(m["general_retention"].get(g), "{:+.1f}") for g in general),
+            num(s["time_s"], "{:.0f}"), _short_count(s["trainable_params"]), num(s["peak_memory_mb"], "{:.0f}"),
+        )
+    console.print(table)
+
+
+def _short_count(n) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from forgetless.eval.run import evaluate
+    from forgetless.eval.run import evaluate_with_metrics
     from forgetless.models.loading import resolve_model_dir
 
     data = _named_paths(args.data, "--data")
-    results = evaluate(
+    results, metrics = evaluate_with_metrics(
         args.model,
         data,
+        metrics=_named_paths(args.metric, "--metric", "NAME=METRIC, e.g. {flag} old=exact_match"),
         batch_size=args.batch_size,
         max_examples=args.max_examples,
         generation=not args.no_generation,
@@ -96,33 +161,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         progress=True,
     )
-    _print_scores(results, title=f"eval {args.model}")
+    _print_scores(results, metrics, title=f"eval {args.model}")
     out = Path(args.output) if args.output else (Path(args.model) / "eval.json" if resolve_model_dir(args.model) != args.model else Path("eval.json"))
-    out.write_text(json.dumps({"model": args.model, "results": results}, indent=2), encoding="utf-8")
+    out.write_text(json.dumps({"model": args.model, "metrics": metrics, "results": results}, indent=2), encoding="utf-8")
     print(f"scores written to {out}")
     return 0
 
 
-def _print_scores(results: dict, title: str) -> None:
+def _print_scores(results: dict, metrics: dict, title: str) -> None:
     from rich.table import Table
 
     from forgetless.progress import console
 
     table = Table(title=title, title_justify="left")
-    for col in ("set", "examples", "loss", "perplexity", "token acc", "exact match"):
+    for col in ("set", "examples", "score", "metric", "loss", "perplexity", "token acc", "exact match", "mc acc"):
         table.add_column(col)
-    fmt = lambda r, k: f"{r[k]:.4f}" if k in r else "-"  # noqa: E731
+    fmt = lambda r, k: f"{r[k]:.4f}" if r.get(k) is not None else "-"  # noqa: E731
     for name, r in results.items():
-        table.add_row(name, str(r["examples"]), fmt(r, "loss"), fmt(r, "perplexity"), fmt(r, "token_accuracy"), fmt(r, "exact_match"))
+        table.add_row(name, str(r["examples"]), fmt(r, "score"), metrics.get(name, "-"), fmt(r, "loss"), fmt(r, "perplexity"),
+                      fmt(r, "token_accuracy"), fmt(r, "exact_match"), fmt(r, "mc_accuracy"))
     console.print(table)
 
 
-def _named_paths(items: list[str], flag: str) -> dict[str, str]:
+def _named_paths(items: list[str], flag: str, example: str = "NAME=PATH, e.g. {flag} old=old.jsonl") -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items or []:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise UserError(f"{flag} {item!r}: expected NAME=PATH, e.g. {flag} old=old.jsonl")
+            raise UserError(f"{flag} {item!r}: expected {example.format(flag=flag)}")
         if name in out:
             raise UserError(f"{flag} {name}: the name is given twice; use distinct names")
         out[name] = path
@@ -170,7 +236,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from forgetless.demo.run import run_demo
 
     strategies = [s.strip() for s in args.strategies.split(",")] if args.strategies else None
-    run_demo(Path(args.output_dir), overwrite=args.overwrite, strategies=strategies)
+    run_demo(Path(args.output_dir), overwrite=args.overwrite, strategies=strategies, part=args.part)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from forgetless.report import write_report
+
+    for kind, path in write_report(args.run_dir).items():
+        print(f"{kind}: {path}")
     return 0
 
 
@@ -207,17 +281,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="a YAML config and/or overrides such as train.lr=1e-4")
     p.add_argument("--output-dir", "-o", help="run directory (same as output.dir=...)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in the output directory from its latest checkpoint, with the same config (output.resume=true)")
     p.add_argument("--nproc", type=int, default=None, help="processes to train with (launches torchrun; CPU uses gloo)")
     p.set_defaults(func=cmd_train)
 
+    for name, helptext, description in (
+        ("continual", "train on a sequence of tasks; accuracy matrix, BWT/FWT, forgetting, report",
+         "Train the config's methods on tasks[] one after another, carrying method state (replay memory, online "
+         "EWC, experts), scoring every task and data.keep probe after each task. Writes OUT/results.json, "
+         "report.html, results.csv and summary.md; each task is a run directory under OUT/<strategy>/."),
+        ("compare", "run several strategies on the same task sequence, data and seed; one table and report",
+         "Run every strategy of continual.strategies (plus continual.baselines: sequential, joint) on the same "
+         "task sequence and seed, each in its own process, and compare them in one table and report."),
+    ):
+        p = sub.add_parser(name, help=helptext, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=f"example:\n  forgetless {name} sequence.yaml --baselines sequential,joint train.max_steps=50")
+        p.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="a YAML config with tasks: and/or overrides")
+        p.add_argument("--output-dir", "-o", help="output directory (same as output.dir=...)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+        p.add_argument("--resume", action="store_true", help="continue an interrupted sequence: finished tasks and strategies are kept")
+        p.add_argument("--baselines", help="comma-separated baselines to add: sequential, joint (same as continual.baselines=[...])")
+        p.set_defaults(func=cmd_continual if name == "continual" else cmd_compare)
+
     p = sub.add_parser(
         "eval",
-        help="score a model or run on datasets (loss, perplexity, token accuracy, exact match)",
+        help="score a model or run on datasets (loss, perplexity, token accuracy, exact match, multiple choice, your own score)",
         description="Score a run directory, a model directory, a hub id or 'tiny' on named datasets. Prints a table "
         "and writes JSON (to RUN/eval.json for a run directory, else ./eval.json).",
     )
     p.add_argument("model", metavar="MODEL_OR_RUN", help="run directory, model directory, hub id, or 'tiny'")
     p.add_argument("--data", "-d", action="append", required=True, metavar="NAME=PATH", help="a dataset to score (repeatable); PATH as in data.train, e.g. demo:capitals")
+    p.add_argument("--metric", "-m", action="append", metavar="NAME=METRIC",
+                   help="headline 'score' of a set (repeatable): exact_match, token_accuracy, loss, perplexity, multiple_choice, "
+                   "multiple_choice_norm, or path/to/file.py:function (default: the data's natural one)")
     p.add_argument("--output", help="where to write the JSON scores")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
     p.add_argument("--max-examples", type=int, default=None, help="score only the first N records of each set")
@@ -270,7 +367,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", "-o", default="runs/demo", help="where the demo writes its runs and report (default runs/demo)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in that directory")
     p.add_argument("--strategies", help="comma-separated strategies to compare (default: all), e.g. 'lora,ewc,wise-ft'")
+    p.add_argument("--part", choices=("all", "forgetting", "continual"), default="all",
+                   help="'forgetting': one new task, every method; 'continual': a 3-task sequence compared across "
+                   "strategies with both baselines (report under OUT/continual); default: both")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "report",
+        help="write report.html, results.csv and summary.md of a continual or compare run",
+        description="Regenerate the report of a `forgetless continual` or `forgetless compare` run from its "
+        "results.json: a self-contained report.html (comparison table, accuracy matrices, old-vs-new trade-off, "
+        "loss and score curves, each strategy's config), results.csv (one row per strategy) and summary.md. "
+        "A plain `forgetless train` run directory gets a one-run report.html.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory holding results.json (or a train run's summary.json)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "config",
@@ -308,12 +419,18 @@ def _quiet_libraries() -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow the flags (forgetless train run.yaml --overwrite train.lr=1e-4)
+    if extra and hasattr(args, "config_and_overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.config_and_overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = argv
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    _quiet_libraries()
+    if args.command != "report":  # the report needs no model libraries (their import takes seconds)
+        _quiet_libraries()
     try:
         return args.func(args)
     except UserError as e:

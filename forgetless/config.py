@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -86,16 +87,31 @@ class DatasetSpec:
     )
     split: str = option("train", "Split to read from a hub dataset.")
     subset: Optional[str] = option(None, "Configuration name of a hub dataset.")
-    format: Literal["auto", "text", "prompt_completion", "messages"] = option(
-        "auto", "Record format; 'auto' detects it from the fields of each record."
+    format: Literal["auto", "text", "prompt_completion", "messages", "multiple_choice"] = option(
+        "auto",
+        "Record format; 'auto' detects it from the fields of each record. multiple_choice records are "
+        "{question (or prompt), choices, answer (index or text)}.",
     )
     limit: Optional[int] = option(None, "Use only the first N records.")
+    metric: Optional[str] = option(
+        None,
+        "The set's headline 'score': exact_match, token_accuracy, loss, perplexity (lower is better), "
+        "multiple_choice (accuracy of the most likely choice, lm-eval acc), multiple_choice_norm (per-character "
+        "log-likelihood, lm-eval acc_norm), or a scoring function path/to/file.py:function (relative to the YAML) or "
+        "package.module:function, called as fn(predictions, references, records) -> float or dict with 'score'. "
+        "null = multiple_choice for multiple-choice data, else exact_match when eval.generation is on and the "
+        "records have prompts, else token_accuracy.",
+    )
 
     def validate(self, where: str) -> None:
         if not self.path:
             raise ConfigError(f"{where}.path is empty: give a data file, a hub dataset id or demo:NAME")
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"{where}.limit must be a positive number of records, got {self.limit}")
+        if self.metric is not None:
+            from forgetless.eval.headline import check_metric
+
+            check_metric(self.metric, f"{where}.metric")
 
 
 @dataclass
@@ -175,8 +191,16 @@ class TrainConfig:
         "auto", "'auto' uses bf16 where the hardware supports it (a recent GPU) and full precision on CPU."
     )
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
+    max_nonfinite_steps: Optional[int] = option(
+        10,
+        "A step whose loss or gradient is NaN/inf is skipped (no update; the schedule and the data still move on) "
+        "and logged; after this many such steps in a row the run stops with a checkpoint of its last finite state. "
+        "null = never stop.",
+    )
 
     def validate(self, where: str) -> None:
+        if self.max_nonfinite_steps is not None and self.max_nonfinite_steps < 1:
+            raise ConfigError(f"{where}.max_nonfinite_steps must be at least 1 or null, got {self.max_nonfinite_steps}")
         for name in ("micro_batch_size", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name} must be at least 1, got {getattr(self, name)}")
@@ -193,6 +217,46 @@ class TrainConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """lm-evaluation-harness tasks, scored on the in-memory model as sets named ``harness/<task>``."""
+
+    tasks: list[str] = option(
+        factory=list,
+        help="Task names of lm-evaluation-harness (built-in ones such as arc_easy need their data from the hub, "
+        "or its cache, and looking them up indexes lm-eval's whole task list, about half a minute), or of task "
+        "YAMLs under include_path. Empty = no harness evaluation.",
+    )
+    include_path: Optional[str] = option(
+        None, "A folder (or one file) of your own lm-eval task YAMLs (relative to this YAML), e.g. with dataset_path: json."
+    )
+    limit: Optional[int] = option(None, "Score at most this many documents per task (null = eval.max_examples).")
+    num_fewshot: Optional[int] = option(None, "Few-shot examples in every prompt (null = each task's own default, else 0).")
+    batch_size: Optional[int] = option(None, "Requests per forward pass (null = eval.batch_size).")
+    metric: Optional[str] = option(
+        None, "The lm-eval metric taken as each task's 'score' (e.g. acc_norm); null = the task's first metric."
+    )
+
+    def validate(self, where: str) -> None:
+        if not self.tasks:
+            return
+        for i, task in enumerate(self.tasks):
+            if not task.strip():
+                raise ConfigError(f"{where}.tasks[{i}] is empty; give an lm-eval task name")
+        if self.include_path is not None and not os.path.exists(self.include_path):
+            raise ConfigError(f"{where}.include_path {self.include_path}: not found; give a folder of task YAMLs")
+        for name in ("limit", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{where}.{name} must be at least 1 or null, got {value}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ConfigError(f"{where}.num_fewshot must be >= 0 or null, got {self.num_fewshot}")
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError(f"{where}.tasks needs lm-evaluation-harness, which is not installed: pip install 'forgetless[harness]'")
+
+
+@dataclass
 class EvalConfig:
     """How evaluation sets are scored."""
 
@@ -202,9 +266,15 @@ class EvalConfig:
     max_examples: Optional[int] = option(256, "Score at most this many records per set (null = all).")
     generation: bool = option(
         True,
-        "Also greedy-decode prompt/completion and chat records and report normalised exact match.",
+        "Also greedy-decode prompt/completion and chat records and report normalised exact match. Sets whose "
+        "metric needs generations (exact_match, a scoring function) are decoded regardless, multiple-choice "
+        "records included.",
     )
     max_new_tokens: int = option(32, "Longest generation, in tokens.")
+    harness: HarnessConfig = option(
+        factory=HarnessConfig,
+        help="lm-evaluation-harness tasks scored before and after like keep sets (needs pip install 'forgetless[harness]').",
+    )
 
     def validate(self, where: str) -> None:
         if self.every_steps < 0:
@@ -213,6 +283,7 @@ class EvalConfig:
             raise ConfigError(f"{where}.batch_size must be at least 1, got {self.batch_size}")
         if self.max_examples is not None and self.max_examples < 1:
             raise ConfigError(f"{where}.max_examples must be positive or null, got {self.max_examples}")
+        self.harness.validate(f"{where}.harness")
 
 
 @dataclass
@@ -227,10 +298,89 @@ class OutputConfig:
     tensorboard: bool = option(False, "Also log to TensorBoard under DIR/tensorboard (needs tensorboard).")
     wandb: bool = option(False, "Also log to Weights & Biases (needs wandb and a login).")
     wandb_project: str = option("forgetless", "Weights & Biases project.")
+    resume: bool = option(
+        False,
+        "Continue the run in dir from its latest checkpoint (--resume), to the same final weights and metrics as "
+        "an uninterrupted run; the config must be the run's own. No checkpoint yet: start from the beginning; a "
+        "finished run is left as it is. Takes precedence over overwrite.",
+    )
+    checkpoint_every: int = option(
+        500,
+        "Write a checkpoint (weights, optimiser, schedule, RNG, data position, method state) every N optimiser "
+        "steps, and one after the last step, before the final evaluation. 0 = never (a crash restarts the run).",
+    )
+    keep_last: int = option(2, "Checkpoints kept while training; older ones are deleted.")
+    keep_checkpoints: bool = option(
+        False, "Keep the checkpoints once the run has finished (by default they are deleted: the run has its model/)."
+    )
 
     def validate(self, where: str) -> None:
         if self.log_every < 1:
             raise ConfigError(f"{where}.log_every must be at least 1, got {self.log_every}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"{where}.checkpoint_every must be >= 0 (0 = no checkpoints), got {self.checkpoint_every}")
+        if self.keep_last < 1:
+            raise ConfigError(f"{where}.keep_last must be at least 1, got {self.keep_last}")
+
+
+@dataclass
+class TaskConfig:
+    """One task of a sequence (``tasks:``), trained in the order given."""
+
+    name: str = option("", "Short name of the task, used in tables, plots and folder names.")
+    train: list[DatasetSpec] = option(factory=list, help="Training data of the task: one dataset or a list (concatenated).")
+    eval: Optional[DatasetSpec] = option(
+        None, "Evaluation data of the task, scored after every task of the sequence; null = score the training data."
+    )
+    metric: Optional[str] = option(
+        None,
+        "Headline score of the task in the accuracy matrix (exact_match, token_accuracy, multiple_choice, a "
+        "user function ...; see DatasetSpec.metric); null = the eval data's own metric or its natural default.",
+    )
+    epochs: Optional[float] = option(None, "Passes over this task's data; null = train.epochs.")
+    max_steps: Optional[int] = option(None, "Optimiser steps on this task; null = train.max_steps.")
+
+    def validate(self, where: str) -> None:
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            raise ConfigError(f"{where}.name must be a non-empty name of letters, digits, '-', '_' or '.', got {self.name!r}")
+        if not self.train:
+            raise ConfigError(f"{where}.train is missing: give the task's training data")
+        for i, spec in enumerate(self.train):
+            spec.validate(f"{where}.train[{i}]")
+        if self.eval is not None:
+            self.eval.validate(f"{where}.eval")
+        elif len(self.train) > 1:
+            raise ConfigError(f"{where}.eval: the task trains on several datasets; say which one to score (eval: ...)")
+        if self.metric is not None:
+            from forgetless.eval.headline import check_metric
+
+            check_metric(self.metric, f"{where}.metric")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"{where}.epochs must be positive, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"{where}.max_steps must be at least 1, got {self.max_steps}")
+
+
+@dataclass
+class ContinualConfig:
+    """How ``forgetless continual`` / ``compare`` run a task sequence."""
+
+    strategies: dict[str, Any] = option(
+        factory=dict,
+        help="For `compare`: strategies to run on the same tasks, data and seed, by name; each is a mapping of "
+        "config sections that override this file's (e.g. `ewc: {methods: {ewc: {weight: 100}}}`, "
+        "`plain: {methods: {}}`). A strategy's `methods` replaces the file's methods; other sections merge key "
+        "by key. Empty = one strategy: this file's own methods.",
+    )
+    baselines: list[Literal["sequential", "joint"]] = option(
+        factory=list,
+        help="Reference runs on the same data and budget: 'sequential' (plain full fine-tuning task after task, the "
+        "lower bound) and 'joint' (one run on all tasks' data at once, the usual upper bound).",
+    )
+    isolate: bool = option(
+        True,
+        "Run each strategy in its own process, so its peak memory and any failure are its own.",
+    )
 
 
 class MethodConfigs(dict):
@@ -251,6 +401,13 @@ class RunConfig:
         help="Anti-forgetting methods to combine, by name, each with its options (see the methods "
         "reference below); e.g. `methods: {lora: {r: 8}, kl: {weight: 1.0}}`. Empty = plain fine-tuning.",
     )
+    tasks: list[TaskConfig] = option(
+        factory=list,
+        help="A sequence of tasks for `forgetless continual` / `compare` (each: name, train, eval, metric). The "
+        "model is trained on them in order; after each task every task and every data.keep set is scored. "
+        "Leave data.train empty when tasks are given.",
+    )
+    continual: ContinualConfig = option(factory=ContinualConfig, help="Task sequences: strategies and baselines.")
 
     def validate(self) -> None:
         self.model.tiny.validate("model.tiny")
@@ -258,12 +415,26 @@ class RunConfig:
         self.train.validate("train")
         self.eval.validate("eval")
         self.output.validate("output")
-        if not self.data.train:
+        if self.tasks:
+            if self.data.train:
+                raise ConfigError("data.train and tasks are both set: a task sequence takes its training data from tasks[].train; remove data.train")
+            names = [t.name for t in self.tasks]
+            for i, task in enumerate(self.tasks):
+                task.validate(f"tasks[{i}]")
+                if names.count(task.name) > 1:
+                    raise ConfigError(f"tasks[{i}].name: {task.name!r} is used twice; give every task its own name")
+                if task.name in self.data.keep:
+                    raise ConfigError(f"tasks[{i}].name: {task.name!r} is also a data.keep set; rename one")
+        elif not self.data.train:
             raise ConfigError("data.train is missing: give the training data, e.g. data.train=path/to/train.jsonl")
+        elif self.continual.strategies or self.continual.baselines:
+            raise ConfigError("continual.strategies / continual.baselines need a task sequence: add tasks: [...]")
         from forgetless.methods import check_combination
 
         for name, mcfg in self.methods.items():
-            if hasattr(mcfg, "validate"):
+            if self.tasks and hasattr(mcfg, "validate_in_sequence"):
+                mcfg.validate_in_sequence(f"methods.{name}")  # parts a task sequence fills in (e.g. replay's memory)
+            elif hasattr(mcfg, "validate"):
                 mcfg.validate(f"methods.{name}")
         check_combination(self.methods)
 
@@ -356,7 +527,17 @@ def _convert(value: Any, tp: Any, key: str, src: _Source, base_dir: Path) -> Any
             value = {"path": value}
         spec = _build(DatasetSpec, value, key, src, base_dir)
         spec.path = _resolve_data_path(spec.path, base_dir)
+        spec.metric = _resolve_metric_path(spec.metric, base_dir)
         return spec
+    if tp is HarnessConfig:
+        harness = _build(HarnessConfig, value, key, src, base_dir)
+        if harness.include_path and not os.path.isabs(harness.include_path):
+            harness.include_path = str((base_dir / harness.include_path).resolve())
+        return harness
+    if tp is TaskConfig:
+        task = _build(TaskConfig, value, key, src, base_dir)
+        task.metric = _resolve_metric_path(task.metric, base_dir)
+        return task
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key, src, base_dir)
     if origin is list:
@@ -458,6 +639,16 @@ def _resolve_data_path(path: str, base_dir: Path) -> str:
 DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt"}
 
 
+def _resolve_metric_path(metric: Optional[str], base_dir: Path) -> Optional[str]:
+    """``file.py:function`` with a relative file -> the file made absolute against ``base_dir``."""
+    if not metric or ":" not in metric:
+        return metric
+    source, _, function = metric.rpartition(":")
+    if not source.endswith(".py") or os.path.isabs(source):
+        return metric
+    return f"{(base_dir / source).resolve()}:{function}"
+
+
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     cur = data
@@ -479,7 +670,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key:
-            raise ConfigError(f"override {item!r}: the key is empty")
+            raise ConfigError(f"override {item!r}: the key is empty; write key=value, e.g. train.lr=1e-4")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
@@ -516,7 +707,76 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
         for key, value in parse_overrides(overrides):
             cfg = _apply_override(cfg, key, value)
     cfg.validate()
+    for name in list(cfg.continual.strategies):
+        cfg.continual.strategies[name] = _resolve_strategy(cfg, name, src, base_dir)
     return cfg
+
+
+class _PrefixedSource(_Source):
+    """Locations of keys that sit under ``prefix`` in the file (a strategy's overrides)."""
+
+    def __init__(self, src: _Source, prefix: str):
+        super().__init__(src.file, src.lines)
+        self.prefix = prefix
+
+    def where(self, key: str) -> str:
+        return super().where(self.prefix + key)
+
+
+STRATEGY_SECTIONS = ("model", "data", "train", "eval", "output", "methods")
+
+
+def _resolve_strategy(cfg: RunConfig, name: str, src: _Source, base_dir: Path) -> dict:
+    """A strategy's overrides merged into the file's config, validated; returns the merged sections.
+
+    ``methods`` replaces the file's methods (a strategy is a set of methods); every other section
+    merges key by key. The result holds resolved paths, so it rebuilds identically anywhere.
+    """
+    where = f"continual.strategies.{name}"
+    if not name or not all(c.isalnum() or c in "-_.+" for c in name):
+        raise ConfigError(f"{src.where(where)}: a strategy name must be letters, digits, '-', '_', '.' or '+', got {name!r}")
+    over = cfg.continual.strategies[name]
+    if over is None:
+        over = {}
+    if not isinstance(over, dict):
+        raise ConfigError(f"{src.where(where)}: expected a mapping of config sections (e.g. methods: {{ewc: {{}}}}), got {over!r}")
+    unknown = [k for k in over if k not in STRATEGY_SECTIONS]
+    if unknown:
+        raise ConfigError(f"{src.where(f'{where}.{unknown[0]}')}: a strategy may set {', '.join(STRATEGY_SECTIONS)}; not {unknown[0]!r}")
+    raw = {k: v for k, v in to_dict(cfg).items() if k in STRATEGY_SECTIONS}
+    merged = _deep_merge(raw, {k: v for k, v in over.items() if k != "methods"})
+    if "methods" in over:
+        merged["methods"] = over["methods"] if over["methods"] is not None else {}
+    built = _build(RunConfig, merged, "", _PrefixedSource(src, where + "."), base_dir)
+    built.tasks = cfg.tasks
+    try:
+        built.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{src.where(where)}: {e}") from None
+    return {k: v for k, v in to_dict(built).items() if k in STRATEGY_SECTIONS}
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def strategy_configs(cfg: RunConfig) -> dict[str, RunConfig]:
+    """Every strategy of a task-sequence config as its own RunConfig (the file's methods if none)."""
+    if not cfg.continual.strategies:
+        return {default_strategy_name(cfg): cfg}
+    out = {}
+    for name, sections in cfg.continual.strategies.items():
+        built = _build(RunConfig, dict(sections), "", _Source(None, {}), Path.cwd())
+        built.tasks = cfg.tasks
+        out[name] = built
+    return out
+
+
+def default_strategy_name(cfg: RunConfig) -> str:
+    return "+".join(cfg.methods) if cfg.methods else "full-ft"
 
 
 def _apply_override(cfg: RunConfig, key: str, value: Any) -> RunConfig:
@@ -536,12 +796,6 @@ def _check_key(key: str) -> None:
         walked.append(part)
         if cls is None:
             return
-        if not dataclasses.is_dataclass(cls):
-            origin = typing.get_origin(cls)
-            if origin is dict:  # free-form names (data.eval.NAME)
-                cls = typing.get_args(cls)[1]
-                continue
-            return
         if cls is MethodConfigs:
             from forgetless.methods import REGISTRY
 
@@ -551,6 +805,12 @@ def _check_key(key: str) -> None:
                 raise ConfigError(f"override {'.'.join(walked)}: unknown method {part!r}{hint}; available: {', '.join(sorted(REGISTRY))}")
             cls = REGISTRY[part].config
             continue
+        if not dataclasses.is_dataclass(cls):
+            origin = typing.get_origin(cls)
+            if origin is dict:  # free-form names (data.eval.NAME)
+                cls = typing.get_args(cls)[1]
+                continue
+            return
         hints = typing.get_type_hints(cls)
         if part not in hints:
             names = list(hints)
@@ -579,8 +839,37 @@ def _plain(obj: Any) -> Any:
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML (it loads back to the same RunConfig)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """Write the resolved config as YAML (it loads back to the same RunConfig, unless a value held
+    a secret: see :func:`redact_secrets`)."""
+    Path(path).write_text(yaml.safe_dump(redact_secrets(to_dict(cfg)), sort_keys=False), encoding="utf-8")
+
+
+# Access tokens must never reach a run directory (which gets shared, uploaded, committed).
+SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+REDACTED = "<redacted>"
+_TOKEN_PATTERN = re.compile(
+    r"(?:hf_|api_org_)[A-Za-z0-9]{30,}"  # Hugging Face user / organisation tokens
+    r"|(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}"  # GitHub tokens
+    r"|sk-[A-Za-z0-9_-]{20,}"  # API secret keys in the sk- style
+)
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+(?=@)")  # scheme://user:password@host
+
+
+def redact_secrets(obj: Any) -> Any:
+    """A copy of ``obj`` (dicts, lists, strings) with access tokens replaced by ``<redacted>``: the
+    values of SECRET_ENV_VARS, strings shaped like known token formats, and passwords in URLs."""
+    if isinstance(obj, dict):
+        return {k: redact_secrets(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact_secrets(v) for v in obj]
+    if not isinstance(obj, str):
+        return obj
+    for name in SECRET_ENV_VARS:
+        secret = os.environ.get(name, "")
+        if len(secret) >= 8:
+            obj = obj.replace(secret, REDACTED)
+    obj = _TOKEN_PATTERN.sub(REDACTED, obj)
+    return _URL_CREDENTIALS.sub(REDACTED, obj)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,11 @@ from typing import Iterator, Optional
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+import sys
+
+# Tables go to stderr with the bars; when it is not a terminal (a log file, CI), rich would wrap
+# them at 80 columns, so give them room.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 
 class TrainProgress:

@@ -2,38 +2,63 @@
 
 A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (training and
 evaluation records), ``model/`` (weights in safetensors and the tokenizer), ``summary.json`` and
-``summary.md``. An existing run directory is never replaced unless the user asks, and a folder
+``summary.md``, and ``versions.json`` (Python, torch, transformers, ... and forgetless's git commit;
+written when the run starts, and repeated in ``summary.json``). An existing run directory is never replaced unless the user asks, and a folder
 that is not a forgetless run is never emptied.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import platform
 import shutil
+import subprocess
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
+from forgetless.config import redact_secrets
 from forgetless.errors import UserError
 from forgetless.progress import console
 
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json")
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", "versions.json")  # versions.json: written first
 METRICS = (("loss", "loss", True), ("token_accuracy", "token acc", False), ("exact_match", "exact match", False))
 
 
-def prepare_run_dir(path: Path, overwrite: bool, is_main: bool = True) -> Path:
-    """Create ``path`` (or empty it when ``overwrite`` and it holds a forgetless run)."""
-    if not is_main:
-        return path
+def check_run_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
+    """The UserError :func:`prepare_run_dir` would raise, without touching anything: callers check
+    early, before minutes of loading, and learn of an occupied or unwritable output.dir at once."""
     if path.exists() and not path.is_dir():
         raise UserError(f"output.dir {path}: exists and is a file; choose another output.dir")
     if path.is_dir() and any(path.iterdir()):
         is_run = any((path / m).exists() for m in RUN_MARKERS)
+        if resume and not is_run:
+            raise UserError(f"output.dir {path}: holds files that are not a forgetless run, so there is nothing to resume; choose another output.dir")
+        if resume:
+            return
         if not overwrite:
-            raise UserError(f"output.dir {path}: already holds files; pass --overwrite (output.overwrite=true) to replace a run, or choose another output.dir")
+            raise UserError(f"output.dir {path}: already holds files; pass --overwrite (output.overwrite=true) to replace a run, --resume to continue it, or choose another output.dir")
         if not is_run:
             raise UserError(f"output.dir {path}: holds files that are not a forgetless run; refusing to empty it, choose another output.dir")
+        return
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output.dir {path}: cannot write there ({existing} is not a writable folder); choose a writable output.dir")
+
+
+def prepare_run_dir(path: Path, overwrite: bool, is_main: bool = True, resume: bool = False) -> Path:
+    """Create ``path`` (or empty it when ``overwrite`` and it holds a forgetless run). With ``resume``
+    a run already there is kept as it is (resume takes precedence over overwrite)."""
+    if not is_main:
+        return path
+    check_run_dir(path, overwrite, resume)
+    if path.is_dir() and any(path.iterdir()):
+        if resume:
+            return path
         shutil.rmtree(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -42,7 +67,43 @@ def prepare_run_dir(path: Path, overwrite: bool, is_main: bool = True) -> Path:
         probe.unlink()
     except OSError as e:
         raise UserError(f"output.dir {path}: cannot write there ({e.strerror}); choose a writable output.dir") from None
+    (path / "versions.json").write_text(json.dumps(environment_versions(), indent=2) + "\n", encoding="utf-8")
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def environment_versions() -> dict[str, Any]:
+    """What a run ran on: Python, the libraries that shape its numbers, and forgetless itself
+    (with its git commit when it runs from a checkout)."""
+    import torch
+
+    import forgetless
+
+    versions: dict[str, Any] = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "peft", "accelerate", "datasets", "safetensors"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    versions["forgetless"] = forgetless.__version__
+    versions.update(_git_state(Path(forgetless.__file__).resolve().parent.parent))
+    versions["cuda"] = torch.version.cuda
+    return versions
+
+
+def _git_state(root: Path) -> dict[str, Any]:
+    """The commit of a forgetless checkout and whether it has local changes; nothing when forgetless
+    is installed (only the checkout's own top folder counts, never a repository around it)."""
+    if not (root / ".git").exists():
+        return {}
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if commit.returncode != 0:
+        return {}
+    return {"forgetless_git_commit": commit.stdout.strip(), "forgetless_git_dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
 
 
 def summary_rows(before: dict, after: dict, roles: dict[str, str]) -> list[dict[str, Any]]:
@@ -100,7 +161,11 @@ def summary_markdown(rows: list[dict], train_info: dict) -> str:
 
 def write_summary(run_dir: Path, before: dict, after: dict, roles: dict, train_info: dict, data_info: dict) -> list[dict]:
     rows = summary_rows(before, after, roles)
-    payload = {"sets": rows, "before": before, "after": after, "train": train_info, "data": data_info}
-    (run_dir / "summary.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    payload = redact_secrets({"sets": rows, "before": before, "after": after, "train": train_info, "data": data_info})
+    payload["versions"] = environment_versions()
     (run_dir / "summary.md").write_text(summary_markdown(rows, train_info), encoding="utf-8")
+    # summary.json marks a finished run (resume and task sequences rely on it): written last, atomically
+    tmp = run_dir / ".tmp-summary.json"
+    tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    os.replace(tmp, run_dir / "summary.json")
     return rows

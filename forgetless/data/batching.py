@@ -12,6 +12,12 @@ fair mix.
 Each process takes its contiguous share of a global batch and cuts it into micro-batches. So
 1 process with 4 accumulation steps and 2 processes with 2 see exactly the same global batches,
 and a run's data position is just its step number (what exact resume needs).
+
+Inside its share, a process groups examples of similar length into the same micro-batch
+(:func:`micro_batches`). The step's loss is a sum over all target tokens of the global batch, so
+how the examples are grouped does not change it, but padding does change the cost: a short
+mixed-in or replayed sequence padded to the length of a long task sequence costs as much as the
+long one. Grouping by length is what keeps mixing and replay at about the cost of their tokens.
 """
 
 from __future__ import annotations
@@ -98,6 +104,16 @@ def shard(items: list, rank: int, world_size: int) -> list:
 
 def chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def micro_batches(examples: list[Example], size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Collated micro-batches of ``size`` examples, longest first, similar lengths together.
+
+    The order is a pure function of the examples (stable sort by length), so it is the same on
+    every run and does not depend on the number of processes beyond each process's share.
+    """
+    ordered = sorted(examples, key=lambda e: -len(e.input_ids))
+    return [collate(group, pad_id) for group in chunks(ordered, size)]
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,9 +1,16 @@
-"""The three record formats users of TRL know, turned into token ids and loss masks.
+"""The record formats users of TRL and evaluation harnesses know, turned into token ids and loss masks.
 
 - ``{"text": ...}``: language modelling on every token.
 - ``{"prompt": ..., "completion": ...}``: loss on the completion only (by default).
 - ``{"messages": [{"role": ..., "content": ...}, ...]}``: rendered with the tokenizer's chat
   template; loss on the assistant turns only (by default).
+- ``{"question" or "prompt": ..., "choices": [...], "answer": index or text}``: multiple choice.
+  Trained on as prompt/completion with the correct choice as completion; scored as
+  lm-evaluation-harness does (see :mod:`forgetless.eval.choice`). The prompt is ``prompt`` as
+  written, or ``"Question: {question}\\nAnswer:"``; a choice follows it after one space (lm-eval's
+  default ``target_delimiter``) unless the prompt ends in whitespace or the choice starts with it,
+  and trailing whitespace of the prompt is moved to the start of the choice before tokenizing (as
+  lm-eval's ``_encode_pair`` does), so ``"Answer: "`` + ``"Paris"`` is scored as ``" Paris"``.
 
 For chat data the assistant spans are found by rendering the conversation up to each assistant
 turn (with and without that turn) and mapping the character spans onto tokens through the fast
@@ -13,6 +20,7 @@ tokenizer's offsets. This works with any prefix-consistent template, unlike tran
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -39,6 +47,12 @@ class Example:
     where: str
     prompt_ids: Optional[list[int]] = None  # for generation: what the model is given
     reference: Optional[str] = None  # for generation: the expected answer
+    record: Optional[dict] = None  # the raw record (what a user scoring function receives)
+    # multiple choice: each choice's continuation tokens (after prompt_ids), its length in
+    # characters (acc_norm), and the index of the correct one
+    choices: Optional[list[list[int]]] = None
+    choice_chars: Optional[list[int]] = None
+    answer: Optional[int] = None
 
     @property
     def num_targets(self) -> int:
@@ -64,15 +78,19 @@ def detect_format(rec: Record, requested: str = "auto") -> str:
     if requested == "auto":
         if "messages" in d:
             fmt = "messages"
+        elif "choices" in d and "completion" not in d:
+            fmt = "multiple_choice"
         elif "prompt" in d and "completion" in d:
             fmt = "prompt_completion"
+        elif ("prompt" in d or "completion" in d) and "text" not in d:
+            fmt = "prompt_completion"  # half a pair: the validation names the missing field
         elif "text" in d:
             fmt = "text"
         else:
             found = ", ".join(repr(k) for k in list(d)[:6]) or "none"
             raise DataError(
-                f"{rec.where}: the record has none of the fields 'text', 'prompt' + 'completion', or "
-                f"'messages' (found {found}); rename its fields to one of these formats"
+                f"{rec.where}: the record has none of the fields 'text', 'prompt' + 'completion', "
+                f"'messages', or 'question' + 'choices' + 'answer' (found {found}); rename its fields to one of these formats"
             )
     else:
         fmt = requested
@@ -90,9 +108,12 @@ def _validate(rec: Record, fmt: str) -> None:
             raise DataError(f"{rec.where}: field {key!r} must be a string, got {type(d[key]).__name__}")
         if not allow_empty and not d[key].strip():
             raise DataError(f"{rec.where}: field {key!r} is empty; give it text or remove the record")
+        _check_encodable(d[key], rec.where, key)
 
     if fmt == "text":
         need_str("text")
+    elif fmt == "multiple_choice":
+        _validate_choice(rec)
     elif fmt == "prompt_completion":
         need_str("prompt", allow_empty=True)
         need_str("completion")
@@ -103,8 +124,84 @@ def _validate(rec: Record, fmt: str) -> None:
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise DataError(f"{rec.where}: messages[{i}] must be an object with string 'role' and 'content'")
+            if not m["role"].strip():
+                raise DataError(f"{rec.where}: messages[{i}].role is empty; give it a role such as 'user' or 'assistant'")
+            _check_encodable(m["role"], rec.where, f"messages[{i}].role")
+            _check_encodable(m["content"], rec.where, f"messages[{i}].content")
+            typo = _misspelt_role(m["role"])
+            if typo:
+                raise DataError(f"{rec.where}: messages[{i}].role {m['role']!r} is not a known role (did you mean {typo!r}?); fix the role")
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f"{rec.where}: the conversation has no 'assistant' message, so nothing to learn; add one or drop the record")
+
+
+def _check_encodable(text: str, where: str, key: str) -> None:
+    """JSON can spell an unpaired surrogate (``"\\udc80"``), which no tokenizer accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            f"{where}: field {key!r} holds an unpaired surrogate {text[e.start]!r} at character {e.start}; "
+            f"fix the text (it is not valid Unicode)"
+        ) from None
+
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _validate_choice(rec: Record) -> None:
+    d = rec.data
+    key = "question" if "question" in d else "prompt"
+    if key not in d:
+        raise DataError(f"{rec.where}: a multiple-choice record needs a 'question' (or 'prompt') field; add it")
+    if not isinstance(d[key], str):
+        raise DataError(f"{rec.where}: field {key!r} must be a string, got {type(d[key]).__name__}")
+    _check_encodable(d[key], rec.where, key)
+    choices = d.get("choices")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+        raise DataError(f"{rec.where}: field 'choices' must be a list of at least two non-empty strings, got {choices!r:.120}")
+    for i, c in enumerate(choices):
+        _check_encodable(c, rec.where, f"choices[{i}]")
+    if "answer" not in d:
+        raise DataError(f"{rec.where}: field 'answer' is missing; give the index of the correct choice (0-based) or its text")
+    choice_answer(rec)
+
+
+def choice_answer(rec: Record) -> int:
+    """Index of the correct choice: ``answer`` is a 0-based index or the text of one of the choices."""
+    answer, choices = rec.data["answer"], rec.data["choices"]
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        if not 0 <= answer < len(choices):
+            raise DataError(f"{rec.where}: 'answer' {answer} is not an index of the {len(choices)} choices (0-based); fix it")
+        return answer
+    if isinstance(answer, str):
+        if answer in choices:
+            return choices.index(answer)
+        raise DataError(f"{rec.where}: 'answer' {answer!r:.80} is not one of the choices; give its exact text or its 0-based index")
+    raise DataError(f"{rec.where}: 'answer' must be a choice index or a choice's text, got {type(answer).__name__}")
+
+
+def choice_prompt(d: dict) -> str:
+    """The text a choice continues: ``prompt`` verbatim, or the harness's ``Question: ...\\nAnswer:``."""
+    return d["prompt"] if "question" not in d else f"Question: {d['question']}\nAnswer:"
+
+
+def choice_continuation(prompt: str, choice: str) -> tuple[str, str]:
+    """(context, continuation) as lm-eval forms them: one space between, prompt's trailing whitespace moved over."""
+    sep = "" if (prompt[-1:].isspace() or choice[:1].isspace() or not prompt) else " "
+    context = prompt.rstrip()
+    return context, prompt[len(context):] + sep + choice
+
+
+def _misspelt_role(role: str) -> Optional[str]:
+    """The standard role that ``role`` is a near miss of ('Assistant', 'asistant', ' user'), else None.
+
+    Other roles pass: a chat template may define its own (and says so itself when it does not).
+    """
+    if role in ROLES:
+        return None
+    close = difflib.get_close_matches(role.strip().lower(), ROLES, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 class Encoder:
@@ -128,6 +225,7 @@ class Encoder:
             fmt = detect_format(rec, requested_format)
             stats.formats[fmt] = stats.formats.get(fmt, 0) + 1
             ex = self.encode(rec, fmt)
+            ex.record = rec.data
             ex = self._fit(ex, stats)
             if ex is not None:
                 out.append(ex)
@@ -145,7 +243,34 @@ class Encoder:
             mask_prompt = self.cfg.completion_only_loss
             labels = ([IGNORE] * len(prompt) if mask_prompt else [IGNORE] * len(self.bos) + prompt[len(self.bos):]) + completion
             return Example(prompt + completion, labels, rec.where, prompt_ids=prompt, reference=d["completion"])
+        if fmt == "multiple_choice":
+            return self._encode_choice(rec)
         return self._encode_messages(rec)
+
+    def _encode_choice(self, rec: Record) -> Example:
+        """Prompt + correct choice + EOS for training; every choice's continuation tokens for scoring.
+
+        Continuation tokens are those of ``context + continuation`` after the context's tokens, as in
+        lm-eval, so a tokenizer that merges across the boundary still scores the whole choice.
+        """
+        d = rec.data
+        answer = choice_answer(rec)
+        prompt_text = choice_prompt(d)
+        context = prompt_text.rstrip()
+        context_ids = self.bos + self._ids(context)
+        conts = []
+        for text in d["choices"]:
+            _, continuation = choice_continuation(prompt_text, text)
+            conts.append((self.bos + self._ids(context + continuation))[len(context_ids):])
+        if not context_ids:  # nothing to condition on: lm-eval starts from the end-of-text token
+            context_ids = [self.eos]
+        completion = conts[answer] + [self.eos]
+        mask_prompt = self.cfg.completion_only_loss
+        labels = ([IGNORE] * len(context_ids) if mask_prompt else [IGNORE] * len(self.bos) + context_ids[len(self.bos):]) + completion
+        return Example(
+            context_ids + completion, labels, rec.where, prompt_ids=context_ids, reference=d["choices"][answer],
+            choices=conts, choice_chars=[len(c) for c in d["choices"]], answer=answer,
+        )
 
     def _render(self, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
         if self.chat_template is None and not getattr(self.tok, "chat_template", None):
@@ -188,6 +313,8 @@ class Encoder:
     def _fit(self, ex: Example, stats: EncodeStats) -> Optional[Example]:
         """Apply max_length: truncate or drop, and drop examples left with no target token."""
         limit = self.cfg.max_length
+        if ex.choices is not None:
+            return self._fit_choice(ex, stats)
         if len(ex.input_ids) > limit:
             if self.cfg.truncation == "drop":
                 stats.dropped_too_long += 1
@@ -199,6 +326,22 @@ class Encoder:
         if ex.num_targets == 0:
             stats.dropped_no_target += 1
             return None
+        return ex
+
+    def _fit_choice(self, ex: Example, stats: EncodeStats) -> Optional[Example]:
+        """Multiple choice: cut the prompt from the left (as lm-eval does) so the longest choice fits."""
+        limit = self.cfg.max_length
+        longest = max(len(c) for c in ex.choices)
+        if len(ex.prompt_ids) + longest <= limit and len(ex.input_ids) <= limit:
+            return ex
+        keep = min(limit - longest, len(ex.prompt_ids))
+        if self.cfg.truncation == "drop" or keep < 1:
+            stats.dropped_too_long += 1
+            return None
+        stats.truncated += 1
+        cut = len(ex.prompt_ids) - keep
+        ex.prompt_ids = ex.prompt_ids[cut:]
+        ex.input_ids, ex.labels = ex.input_ids[cut:][:limit], ex.labels[cut:][:limit]
         return ex
 
 

@@ -7,6 +7,7 @@ record keeps where it came from (``file:line`` or ``file row N``) for error mess
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,15 +53,12 @@ def _read_jsonl(p: Path, limit: int | None) -> list[Record]:
     with open(p, "rb") as f:
         for n, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"{p}:{n}: not valid UTF-8; re-save the file as UTF-8") from None
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
+            except UnicodeDecodeError as e:
+                raise DataError(f"{p}:{n}: not valid UTF-8 (byte {e.start + 1} of the line); re-save the file as UTF-8") from None
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{n}: malformed JSON ({e.msg} at column {e.colno}); fix or remove this line") from None
+            obj = _parse_json(line, p, n, "fix or remove this line")
             if not isinstance(obj, dict):
                 raise DataError(f"{p}:{n}: expected a JSON object per line, got {type(obj).__name__}")
             records.append(Record(obj, f"{p}:{n}"))
@@ -69,13 +67,34 @@ def _read_jsonl(p: Path, limit: int | None) -> list[Record]:
     return records
 
 
-def _read_json(p: Path, limit: int | None) -> list[Record]:
+def _parse_json(text: str, p: Path, line: int | None, what_to_do: str):
+    """``json.loads``, with every way it can fail turned into a DataError naming the file and line."""
+    where = f"{p}:{line}" if line else str(p)
     try:
-        obj = json.loads(p.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise DataError(f"{p}: not valid UTF-8; re-save the file as UTF-8") from None
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{p}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}); fix the file") from None
+        raise DataError(f"{p}:{line or e.lineno}: malformed JSON ({e.msg} at column {e.colno}); {what_to_do}") from None
+    except ValueError as e:  # e.g. an integer longer than Python converts
+        raise DataError(f"{where}: unreadable JSON value ({str(e).splitlines()[0][:120]}); {what_to_do}") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read; {what_to_do}") from None
+
+
+def _decode_utf8(p: Path) -> str:
+    """The text of ``p``, or a DataError naming the line and byte of the first bad byte."""
+    raw = p.read_bytes()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = bom + e.start
+        line = raw.count(b"\n", 0, at) + 1
+        column = at - (raw.rfind(b"\n", 0, at) + 1) + 1
+        raise DataError(f"{p}:{line}: not valid UTF-8 (byte {column} of the line); re-save the file as UTF-8") from None
+
+
+def _read_json(p: Path, limit: int | None) -> list[Record]:
+    obj = _parse_json(_decode_utf8(p), p, None, "fix the file")
     if isinstance(obj, dict):
         # {"data": [...]} or a dict of columns
         if len(obj) == 1 and isinstance(next(iter(obj.values())), list) and all(isinstance(r, dict) for r in next(iter(obj.values()))):
@@ -113,10 +132,7 @@ def _read_tabular(p: Path, limit: int | None) -> list[Record]:
 
 def _read_txt(p: Path, limit: int | None) -> list[Record]:
     """Plain text: one record per paragraph (paragraphs are separated by blank lines)."""
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"{p}: not valid UTF-8; re-save the file as UTF-8") from None
+    text = _decode_utf8(p)
     records, line, para, start = [], 1, [], 1
     for raw in text.splitlines() + [""]:
         if raw.strip():

@@ -74,9 +74,20 @@ def _common(out: Path, name: str) -> list[str]:
     ]
 
 
-def run_demo(out: Path, overwrite: bool = False, strategies: Optional[list[str]] = None) -> dict:
-    """Run the demo into ``out`` (all strategies, or the named ones); returns what results.json holds."""
+PARTS = ("all", "forgetting", "continual")
+
+
+def run_demo(out: Path, overwrite: bool = False, strategies: Optional[list[str]] = None, part: str = "all",
+             quick_continual: bool = False) -> dict:
+    """Run the demo into ``out``; returns what results.json holds.
+
+    ``part``: 'forgetting' (one new task, every strategy or the named ones), 'continual' (a task
+    sequence, under ``out/continual``), or 'all'.
+    """
     import forgetless
+
+    if part not in PARTS:
+        raise UserError(f"--part {part!r}: choose one of {', '.join(PARTS)}")
 
     chosen = list(STRATEGIES) if not strategies else strategies
     unknown = [s for s in chosen if s not in STRATEGIES and s != "wise-ft"]
@@ -88,11 +99,13 @@ def run_demo(out: Path, overwrite: bool = False, strategies: Optional[list[str]]
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"{out}: already holds files; pass --overwrite to replace the demo, or choose another --output-dir")
-        if not (out / "results.json").exists() and not (out / "base").exists():
+        if not any((out / marker).exists() for marker in ("results.json", "base", "continual")):
             raise UserError(f"{out}: holds files that are not a forgetless demo; refusing to empty it, choose another --output-dir")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    if part == "continual":
+        return _continual(out, quick_continual)
 
     console.rule("[bold]1. the base model learns world capitals (old knowledge)")
     base_cfg = load_config(None, [
@@ -124,8 +137,21 @@ def run_demo(out: Path, overwrite: bool = False, strategies: Optional[list[str]]
     print_table(rows)
     (out / "report.md").write_text(report_markdown(rows, results), encoding="utf-8")
     (out / "report.html").write_text(report_html(rows, results), encoding="utf-8")
-    console.print(f"demo finished in {results['elapsed_s']:.0f}s; report: {out / 'report.html'} (also report.md, results.json)")
+    console.print(f"demo part 1 finished in {results['elapsed_s']:.0f}s; report: {out / 'report.html'} (also report.md, results.json)")
+    if part == "all":
+        results["continual"] = _continual(out, quick_continual)["continual"]
+        (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     return results
+
+
+def _continual(out: Path, quick: bool) -> dict:
+    from forgetless.demo.continual import run_continual_demo
+
+    started = time.perf_counter()
+    done = run_continual_demo(out / "continual", quick=quick)
+    elapsed = time.perf_counter() - started
+    console.print(f"demo part 2 finished in {elapsed:.0f}s; report: {done['files'].get('html', out / 'continual' / 'runs')}")
+    return {"continual": {"elapsed_s": round(elapsed, 1), "results": str(out / "continual" / "runs" / "results.json"), "files": done["files"]}}
 
 
 def _wise_ft(out: Path, full: dict) -> dict:

@@ -86,3 +86,33 @@ def summarize(R: Matrix) -> dict[str, float]:
         "forgetting": forgetting(R),
         "plasticity": mean(p),
     }
+
+
+def oriented(R: Sequence[Sequence[float | None]], higher_is_better: Sequence[bool]) -> list[list[float | None]]:
+    """``R`` with the columns of lower-is-better metrics (loss, perplexity) negated.
+
+    In the oriented matrix every column reads "higher is better", so backward transfer, forward
+    transfer and forgetting keep their usual signs (BWT < 0 = forgotten) whatever each task's
+    metric is. Missing entries (None) stay missing.
+    """
+    signs = [1.0 if h else -1.0 for h in higher_is_better]
+    return [[None if v is None else s * v for v, s in zip(row, signs)] for row in R]
+
+
+def pareto_front(points: Sequence[tuple[float | None, float | None]]) -> list[int]:
+    """Indices of the points no other point dominates, both coordinates maximised.
+
+    A point dominates another when it is at least as high on both coordinates and higher on one.
+    Equal points do not dominate each other, so all of them stay on the front. A point with a
+    missing (None) or NaN coordinate is never on the front and dominates nothing.
+    """
+
+    def usable(p: tuple[float | None, float | None]) -> bool:
+        return all(v is not None and v == v for v in p)
+
+    valid = [i for i, p in enumerate(points) if usable(p)]
+
+    def dominates(a: tuple, b: tuple) -> bool:
+        return a[0] >= b[0] and a[1] >= b[1] and (a[0] > b[0] or a[1] > b[1])
+
+    return [i for i in valid if not any(dominates(points[j], points[i]) for j in valid if j != i)]

@@ -7,8 +7,11 @@ from typing import Optional, Union
 import torch
 
 from forgetless.config import DataConfig, DatasetSpec, ModelConfig
-from forgetless.data.formats import Encoder, Example
+from forgetless.data.formats import EncodeStats, Encoder, Example
+from forgetless.eval.headline import check_metric
 from forgetless.eval.scoring import score_examples
+from forgetless.eval.sets import make_eval_set
+from forgetless.errors import UserError
 from forgetless.models import load_model, load_tokenizer
 from forgetless.progress import eval_progress
 
@@ -34,8 +37,12 @@ def load_eval_sets(
 
 
 def score_sets(model, tokenizer, sets: dict[str, list[Example]], *, batch_size: int = 16, generation: bool = True,
-               max_new_tokens: int = 32, progress: bool = False, label: str = "eval") -> dict[str, dict[str, float]]:
-    """Scores of an in-memory model on each set (see forgetless.eval.scoring)."""
+               max_new_tokens: int = 32, progress: bool = False, label: str = "eval",
+               metrics: Optional[dict[str, str]] = None) -> dict[str, dict[str, float]]:
+    """Scores of an in-memory model on each set (see forgetless.eval.scoring).
+
+    ``metrics`` names the headline metric ("score") of some sets; the others get their natural one.
+    """
     device = next(model.parameters()).device
     results = {}
     for name, examples in sets.items():
@@ -43,6 +50,7 @@ def score_sets(model, tokenizer, sets: dict[str, list[Example]], *, batch_size: 
             results[name] = score_examples(
                 model, examples, tokenizer, batch_size=batch_size, generation=generation,
                 max_new_tokens=max_new_tokens, device=device, on_batch=advance,
+                metric=(metrics or {}).get(name), name=name,
             )
     return results
 
@@ -59,14 +67,52 @@ def evaluate(
     chat_template: Optional[str] = None,
     trust_remote_code: bool = False,
     progress: bool = False,
+    metrics: Optional[dict[str, str]] = None,
 ) -> dict[str, dict[str, float]]:
     """Scores of ``model`` (a run directory, a model directory, a hub id, or 'tiny') on each named dataset.
 
-    Returns ``{name: {"loss", "perplexity", "token_accuracy", "exact_match", "examples", ...}}``.
+    Returns ``{name: {"loss", "perplexity", "token_accuracy", "exact_match", "examples", "score", ...}}``;
+    ``score`` is the set's ``metrics[name]`` (or its DatasetSpec's ``metric``, or the data's natural headline).
     """
+    return evaluate_with_metrics(
+        model, data, batch_size=batch_size, max_examples=max_examples, generation=generation, max_new_tokens=max_new_tokens,
+        max_length=max_length, chat_template=chat_template, trust_remote_code=trust_remote_code, progress=progress, metrics=metrics,
+    )[0]
+
+
+def evaluate_with_metrics(
+    model: str,
+    data: dict[str, Union[str, DatasetSpec]],
+    *,
+    batch_size: int = 16,
+    max_examples: Optional[int] = None,
+    generation: bool = True,
+    max_new_tokens: int = 32,
+    max_length: int = 1024,
+    chat_template: Optional[str] = None,
+    trust_remote_code: bool = False,
+    progress: bool = False,
+    metrics: Optional[dict[str, str]] = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """:func:`evaluate`, and the metric each set's ``score`` is (resolved and checked before the model loads)."""
+    chosen = dict(metrics or {})
+    for name, spec in data.items():
+        if name not in chosen and isinstance(spec, DatasetSpec) and spec.metric:
+            chosen[name] = spec.metric
+    unknown = sorted(set(chosen) - set(data))
+    if unknown:
+        raise UserError(f"metric for {unknown[0]!r}: no dataset of that name; name one of {', '.join(data)}")
+    for name, metric in chosen.items():
+        check_metric(metric, f"metric of {name}")
     model_cfg = ModelConfig(name_or_path=str(model), trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(model_cfg)
     sets = load_eval_sets(tokenizer, data, max_examples=max_examples, max_length=max_length, chat_template=chat_template)
+    resolved = {
+        name: make_eval_set(name, "new", examples, EncodeStats(), chosen.get(name), generation, f"set {name}").metric
+        for name, examples in sets.items()
+    }
     lm = load_model(model_cfg, tokenizer)
     lm.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    return score_sets(lm, tokenizer, sets, batch_size=batch_size, generation=generation, max_new_tokens=max_new_tokens, progress=progress)
+    results = score_sets(lm, tokenizer, sets, batch_size=batch_size, generation=generation, max_new_tokens=max_new_tokens,
+                         progress=progress, metrics=resolved)
+    return results, resolved

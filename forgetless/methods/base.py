@@ -17,6 +17,23 @@ The training recipe calls the hooks of every enabled method at fixed points::
 A method *returns* named loss terms instead of adding to a shared loss, so every term is logged
 (``metrics.jsonl``: ``terms``) and can be tested on its own. The defaults below do nothing; a
 method overrides only the hooks it needs.
+
+Resume (forgetless/checkpoint.py). Every checkpoint saves each method's ``state_dict()``: a flat
+dict whose values are tensors (saved in safetensors) or JSON values (numbers, strings, bools,
+None, lists and dicts of those); nothing is pickled. A resumed run builds everything again from
+the same config and seed, and:
+
+- ``ctx.restored(name)`` gives the saved state to every setup hook (``wrap_model``,
+  ``extra_sources``, ``before_train``), so a method takes back what is expensive or random to
+  recompute (generated samples, a Fisher, importance scores, a replay memory) instead of
+  recomputing it. It is None on a fresh run.
+- the recipe then calls ``load_state_dict(state)`` once, after ``before_train`` and before the
+  checkpoint's weights, optimiser and RNG states are loaded (so ``before_train`` still sees the
+  starting weights, e.g. to copy a teacher). It must restore everything ``state_dict`` saved and
+  may be called from a setup hook as well (it is idempotent).
+
+Trainable parameters, and parameters a method adds to the model (adapters, experts, frozen
+earlier LoRAs), are saved with the model; a method needs to save only what lives outside it.
 """
 
 from __future__ import annotations
@@ -39,6 +56,11 @@ class Context:
     run_dir: Optional[Path]
     train_examples: list = field(default_factory=list)
     seed: int = 0
+    resume_state: Optional[dict] = None  # method name -> its state_dict() in the checkpoint resumed from
+
+    def restored(self, name: str) -> Optional[dict]:
+        """The state method ``name`` saved in the checkpoint this run resumes from (None on a fresh run)."""
+        return None if self.resume_state is None else self.resume_state.get(name)
 
     def load_dataset(self, spec) -> list:
         """Examples of a DatasetSpec, tokenized like the training data."""

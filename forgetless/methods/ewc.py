@@ -134,6 +134,10 @@ class EWC(Method):
 
     def before_train(self, model, ctx: Context) -> None:
         cfg = self.cfg
+        if ctx.restored(self.name) is not None:  # resuming: the Fisher and anchors come back in load_state_dict
+            params = trainable(model)
+            self.names, self.params = list(params), list(params.values())
+            return
         spec = cfg.data
         if spec is None:
             if not ctx.cfg.data.keep:
@@ -180,11 +184,16 @@ class EWC(Method):
             save_state(ctx.run_dir / STATE_FILE, self.names, self.fisher, self.anchors, {"fisher": self.cfg.fisher, "samples": str(self.samples)})
 
     def state_dict(self) -> dict:
-        return {**{f"fisher.{n}": f for n, f in zip(self.names, self.fisher)}, **{f"anchor.{n}": a for n, a in zip(self.names, self.anchors)}}
+        return {
+            **{f"fisher.{n}": f for n, f in zip(self.names, self.fisher)},
+            **{f"anchor.{n}": a for n, a in zip(self.names, self.anchors)},
+            "samples": self.samples,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.fisher = [state[f"fisher.{n}"].cpu() for n in self.names]
         self.anchors = [state[f"anchor.{n}"] for n in self.names]
+        self.samples = int(state.get("samples", self.samples))
         self._set_weights()
 
     def describe(self) -> dict:

@@ -119,7 +119,8 @@ class Freeze(Method):
                 raise ConfigError(f"methods.freeze.train_blocks: block {chosen[-1]} does not exist; the model has blocks 0-{n_blocks - 1}")
             blocks |= set(chosen)
         if cfg.by_importance:
-            self.scores = block_importance(model, ctx, prefix, n_blocks, cfg)
+            state = ctx.restored(self.name)  # resuming: the scores the run chose its blocks by
+            self.scores = state["scores"] if state is not None else block_importance(model, ctx, prefix, n_blocks, cfg)
             order = sorted(range(n_blocks), key=lambda i: self.scores[i])
             blocks |= set(order[: cfg.by_importance])
         select_blocks = bool(cfg.train_last_n or cfg.train_first_n or cfg.train_blocks or cfg.by_importance)
@@ -145,6 +146,12 @@ class Freeze(Method):
             (ctx.run_dir / "freeze_importance.json").write_text(
                 json.dumps({"metric": self.cfg.importance_metric, "scores": self.scores, "trained_blocks": self.trained_blocks}, indent=2)
             )
+
+    def state_dict(self) -> dict:
+        return {"scores": self.scores, "trained_blocks": self.trained_blocks}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scores, self.trained_blocks = state["scores"], state["trained_blocks"]
 
     def describe(self) -> dict:
         out = {}

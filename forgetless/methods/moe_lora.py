@@ -379,11 +379,18 @@ class MoELoRA(Method):
     def batch_terms(self, model, batch, logits) -> dict[str, torch.Tensor]:
         loss, shares = balance_loss(self.layers, batch["attention_mask"])
         if shares.numel():
-            self.share_sum = shares if self.share_sum is None else self.share_sum + shares
+            self.share_sum = shares if self.share_sum is None else self.share_sum.to(shares.device) + shares  # restored on the CPU
             self.forwards += 1
         if not self.cfg.balance_weight or not shares.numel():
             return {}
         return {"moe_balance": self.cfg.balance_weight * loss * count_targets(batch["labels"])}
+
+    def state_dict(self) -> dict:
+        # the experts and routers are model parameters (saved with the model); this is the routing record
+        return {"forwards": self.forwards, **({"share_sum": self.share_sum} if self.share_sum is not None else {})}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.forwards, self.share_sum = int(state["forwards"]), state.get("share_sum")
 
     def describe(self) -> dict:
         first = self.layers[0]

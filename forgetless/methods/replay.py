@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional
 
 from forgetless.config import DatasetSpec, option
 from forgetless.data.batching import Source
+from forgetless.data.formats import Example
 from forgetless.data.loading import Record, load_records
 from forgetless.errors import ConfigError, UserError
 from forgetless.methods.base import Context, Method, register
@@ -59,6 +60,10 @@ class ReplayConfig:
     def validate(self, where: str) -> None:
         if not self.memory and self.previous is None:
             raise ConfigError(f"{where}: nothing to remember; give {where}.memory (old tasks' data) or {where}.previous (a {MEMORY_FILE})")
+        self.validate_in_sequence(where)
+
+    def validate_in_sequence(self, where: str) -> None:
+        """In a task sequence the memory is filled from the earlier tasks, so it may start empty."""
         for i, spec in enumerate(self.memory):
             spec.validate(f"{where}.memory[{i}]")
         if self.previous is not None:
@@ -160,6 +165,14 @@ class Replay(Method):
         self.seen = 0
 
     def extra_sources(self, ctx: Context) -> list:
+        state = ctx.restored(self.name)
+        if state is not None:  # resuming: the memory the run chose, even if the data files changed since
+            self.load_state_dict(state)
+        else:
+            self.choose_memory(ctx)
+        return [Source("replay", [c.example for c in self.memory], self.cfg.ratio)]
+
+    def choose_memory(self, ctx: Context) -> None:
         cfg = self.cfg
         rng = random.Random(ctx.seed)
         old: list[Candidate] = []
@@ -189,7 +202,14 @@ class Replay(Method):
             self.memory, self.seen = algorithm_r(new, cfg.size_examples, rng, tuple(start), seen)
         if not self.memory:
             raise UserError("methods.replay: the memory is empty (size_tokens smaller than any example?); raise the size")
-        return [Source("replay", [c.example for c in self.memory], cfg.ratio)]
+
+    def state_dict(self) -> dict:
+        memory = [{"record": c.record, "format": c.format, "task": c.task, "where": c.where, "key": c.key, "example": asdict(c.example)} for c in self.memory]
+        return {"memory": memory, "seen": self.seen, "candidates": self.candidates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.memory = [Candidate(m["record"], m["format"], m["task"], m["where"], Example(**m["example"]), m["key"]) for m in state["memory"]]
+        self.seen, self.candidates = int(state["seen"]), int(state["candidates"])
 
     def after_train(self, model, ctx: Context) -> None:
         if ctx.run_dir is None or (ctx.accelerator is not None and not ctx.accelerator.is_main_process):

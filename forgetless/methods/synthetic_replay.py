@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from forgetless.config import DatasetSpec, option
 from forgetless.data.batching import Source, chunks, collate
-from forgetless.data.formats import IGNORE, detect_format
+from forgetless.data.formats import IGNORE, Example, detect_format
 from forgetless.data.loading import Record
 from forgetless.errors import ConfigError, UserError
 from forgetless.eval.scoring import stop_token_ids
@@ -184,6 +184,10 @@ class SyntheticReplay(Method):
     def wrap_model(self, model, ctx: Context):
         device = ctx.device
         model.to(device)
+        state = ctx.restored(self.name)
+        if state is not None:  # resuming: the samples generated at the start of the run, not new ones
+            self.load_state_dict(state)
+            return model
         prompts = self._prompts(ctx)
         was_training = model.training
         model.eval()
@@ -221,6 +225,15 @@ class SyntheticReplay(Method):
             for s in self.kept:
                 meta = {"origin": s.origin, "new_tokens": s.new_tokens, "finished": s.finished, "perplexity": round(s.perplexity, 4)}
                 f.write(json.dumps({**s.record, "_synthetic": meta}, ensure_ascii=False) + "\n")
+
+    def state_dict(self) -> dict:
+        kept = [{"record": s.record, "origin": s.origin, "new_tokens": s.new_tokens, "finished": s.finished,
+                 "perplexity": s.perplexity, "example": asdict(s.example)} for s in self.kept]
+        return {"kept": kept, "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kept = [Sample(k["record"], k["origin"], k["new_tokens"], k["finished"], Example(**k["example"]), k["perplexity"]) for k in state["kept"]]
+        self.stats = dict(state["stats"])
 
     def describe(self) -> dict:
         return {"generated": self.cfg.num_samples, "kept": len(self.kept), "removed": dict(self.stats)}

@@ -8,6 +8,7 @@ adapter directories); this module only decides *what* to load and turns failures
 from __future__ import annotations
 
 from pathlib import Path
+from pickle import UnpicklingError  # only to name the error: weights are never unpickled beyond tensors
 from typing import Optional
 
 import torch
@@ -16,6 +17,10 @@ from forgetless.config import ModelConfig
 from forgetless.errors import UserError
 from forgetless.models.adapters import ADAPTER_FILE
 
+_REFUSED_PICKLE = (
+    "model {name!r}: a .bin weights file holds more than tensors (pickled code), so it was not loaded; "
+    "use safetensors weights, or convert the file yourself if you trust its source"
+)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -38,6 +43,21 @@ def _check_local(name: str) -> Optional[Path]:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"model {name!r}: directory not found; check the path, or give a hub id like 'org/name'")
     return None
+
+
+def _check_weights(local: Path, name: str) -> None:
+    """A local model directory must hold config.json and weights transformers can load safely.
+
+    safetensors are preferred; a ``pytorch_model.bin`` is a pickle, which transformers reads
+    with ``torch.load(weights_only=True)`` (tensors only, no code), so it is accepted too.
+    """
+    if not (local / "config.json").is_file():
+        raise UserError(f"model {name!r}: no config.json in the directory; give the folder a model was saved to (save_pretrained)")
+    if not any(local.glob("*.safetensors")) and not any(local.glob("pytorch_model*.bin")):
+        raise UserError(
+            f"model {name!r}: no weights in the directory (model.safetensors or pytorch_model.bin); "
+            f"copy the weights there, or point model.name_or_path at the folder that holds them"
+        )
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -80,6 +100,8 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int = 0):
         return _load_adapter(local, cfg)
     if local is not None and (local / ADAPTER_FILE).is_file():
         return _load_forgetless_adapter(local, cfg)
+    if local is not None:
+        _check_weights(local, name)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(local or name),
@@ -87,7 +109,10 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int = 0):
             trust_remote_code=cfg.trust_remote_code,
             dtype=_DTYPES[cfg.dtype],
             local_files_only=local is not None,
+            weights_only=True,  # a .bin checkpoint is read as tensors only, never as arbitrary pickle
         )
+    except UnpicklingError:
+        raise UserError(_REFUSED_PICKLE.format(name=name)) from None
     except (OSError, ValueError) as e:
         raise UserError(f"model {name!r}: could not load it ({_first_line(e)}); check the id or path, and the network for hub ids") from None
     if model.generation_config.pad_token_id is None:
@@ -110,7 +135,10 @@ def _load_adapter(path: Path, cfg: ModelConfig):
         base_name = str(beside)
     base_cfg = ModelConfig(name_or_path=base_name, revision=peft_cfg.revision or cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
     base = load_model(base_cfg, load_tokenizer(base_cfg))
-    return PeftModel.from_pretrained(base, str(path))
+    try:
+        return PeftModel.from_pretrained(base, str(path))
+    except UnpicklingError:
+        raise UserError(_REFUSED_PICKLE.format(name=str(path))) from None
 
 
 def _load_forgetless_adapter(path: Path, cfg: ModelConfig):

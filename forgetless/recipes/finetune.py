@@ -2,7 +2,9 @@
 
     setup()   -> model, tokenizer, data, optimiser, schedule, run directory
     evaluate  -> every eval and keep set, before the first step
-    train     -> steps of gradient accumulation with token-level loss normalisation
+    train     -> steps of gradient accumulation with token-level loss normalisation; a step whose
+                 loss or gradient is NaN/inf is skipped; a checkpoint every output.checkpoint_every
+                 steps and after the last (forgetless/checkpoint.py; output.resume continues from it)
     evaluate  -> every set again; the summary says what was learned and what was forgotten
     save      -> weights (safetensors), tokenizer, config, metrics, summary
 
@@ -15,6 +17,8 @@ would weight short sequences more than long ones.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -26,26 +30,32 @@ from typing import Any
 
 import torch
 
+from forgetless.checkpoint import (
+    CheckpointWriter,
+    ResumePoint,
+    data_fingerprint,
+    fault,
+    find_resume_point,
+    remove_checkpoints,
+    remove_leftovers,
+    restore_model,
+    restore_optimizer,
+    restore_rng,
+    restore_scheduler,
+    trainer_state,
+)
 from forgetless.config import RunConfig, save_config, to_dict
-from forgetless.data.batching import MixedBatches, Source, chunks, collate, count_targets, shard
+from forgetless.data.batching import MixedBatches, Source, count_targets, micro_batches, shard
 from forgetless.data.formats import EncodeStats, Encoder, Example
 from forgetless.data.loading import load_records
 from forgetless.errors import ConfigError, UserError
-from forgetless.eval.scoring import score_examples
+from forgetless.eval.sets import EvalSet, evaluate_sets, harness_sets, make_eval_set
 from forgetless.loss import token_cross_entropy
 from forgetless.methods import Context, build_methods
 from forgetless.models import load_model, load_tokenizer
 from forgetless.models.saving import save_model
-from forgetless.progress import TrainProgress, eval_progress
-from forgetless.rundir import prepare_run_dir, write_summary
-
-
-@dataclass
-class EvalSet:
-    name: str
-    role: str  # "new" (the task being learned) or "keep" (what must not be forgotten)
-    examples: list[Example]
-    stats: EncodeStats
+from forgetless.progress import TrainProgress, console
+from forgetless.rundir import check_run_dir, prepare_run_dir, write_summary
 
 
 @dataclass
@@ -82,26 +92,35 @@ def encode_dataset(encoder: Encoder, specs) -> tuple[list[Example], EncodeStats]
 
 
 def prepare_data(cfg: RunConfig, tokenizer) -> tuple[list[Example], EncodeStats, list[EvalSet]]:
-    """Training examples and the named evaluation sets, each capped at eval.max_examples."""
+    """Training examples and the named evaluation sets, each capped at eval.max_examples.
+
+    Each set's headline metric is resolved here (``metric`` of its DatasetSpec, or the data's
+    natural one); the 'task' set drawn from the training data takes the training data's metric.
+    """
     encoder = Encoder(tokenizer, cfg.data)
     train, train_stats = encode_dataset(encoder, cfg.data.train)
     cap = cfg.eval.max_examples
+    generation = cfg.eval.generation
     eval_sets: list[EvalSet] = []
     if not cfg.data.eval:
+        metric = next((s.metric for s in cfg.data.train if s.metric), None)
         if cfg.data.eval_holdout:
             if cfg.data.eval_holdout >= len(train):
                 raise ConfigError(f"data.eval_holdout ({cfg.data.eval_holdout}) must be smaller than the training set ({len(train)} examples)")
             g = torch.Generator().manual_seed(cfg.train.seed)
             order = torch.randperm(len(train), generator=g).tolist()
             held = set(order[: cfg.data.eval_holdout])
-            eval_sets.append(EvalSet("task", "new", [train[i] for i in sorted(held)][:cap], EncodeStats()))
+            task = [train[i] for i in sorted(held)][:cap]
             train = [e for i, e in enumerate(train) if i not in held]
         else:
-            eval_sets.append(EvalSet("task", "new", train[:cap], EncodeStats()))
+            task = train[:cap]
+        eval_sets.append(make_eval_set("task", "new", task, EncodeStats(), metric, generation, "data.train (the 'task' set)"))
     for role, group in (("new", cfg.data.eval), ("keep", cfg.data.keep)):
         for name, spec in group.items():
             exs, stats = encode_dataset(encoder, [spec])
-            eval_sets.append(EvalSet(name, role, exs[:cap], stats))
+            where = f"data.{'eval' if role == 'new' else 'keep'}.{name}"
+            eval_sets.append(make_eval_set(name, role, exs[:cap], stats, spec.metric, generation, where))
+    eval_sets += harness_sets(cfg, {s.name for s in eval_sets})
     return train, train_stats, eval_sets
 
 
@@ -141,29 +160,6 @@ def _trackers(cfg: RunConfig) -> list[str]:
     return wanted
 
 
-def evaluate_sets(model, tokenizer, eval_sets: list[EvalSet], cfg: RunConfig, accelerator, label: str) -> dict[str, dict[str, float]]:
-    """Score every set; identical numbers on every process."""
-    results = {}
-    show = cfg.output.progress and accelerator.is_main_process
-    unwrapped = accelerator.unwrap_model(model)
-    for s in eval_sets:
-        with eval_progress(math.ceil(len(s.examples) / accelerator.num_processes), f"eval {label}: {s.name}", show) as advance:
-            results[s.name] = score_examples(
-                unwrapped,
-                s.examples,
-                tokenizer,
-                batch_size=cfg.eval.batch_size,
-                generation=cfg.eval.generation,
-                max_new_tokens=cfg.eval.max_new_tokens,
-                rank=accelerator.process_index,
-                world_size=accelerator.num_processes,
-                reduce=(lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None,
-                device=accelerator.device,
-                on_batch=advance,
-            )
-    return results
-
-
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -177,6 +173,8 @@ def train(cfg: RunConfig) -> RunResult:
 
     cfg.validate()
     trackers = _trackers(cfg)
+    if os.environ.get("RANK", "0") == "0":  # the process that will create the run directory says, before minutes of loading
+        check_run_dir(Path(cfg.output.dir), cfg.output.overwrite, resume=cfg.output.resume)
     # accelerate forms a CPU process group (gloo) only when told to run on CPU; without a GPU, a
     # multi-process launch would otherwise give N independent single-process runs.
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -200,7 +198,16 @@ def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResul
     hf_logging.disable_progress_bar()  # our own bars replace the per-shard ones of save/load
     set_seed(cfg.train.seed)
     main = accelerator.is_main_process
-    t = cfg.train
+    t, out = cfg.train, cfg.output
+    world = accelerator.num_processes
+
+    # A resumed run first reads where it stands, so a finished run or a changed config costs nothing.
+    point = find_resume_point(Path(out.dir), cfg, world) if out.resume else ResumePoint()
+    if point.message and main:
+        console.print(point.message)
+    if point.finished is not None:
+        return _finished_result(Path(out.dir), point.finished)
+    ckpt = point.checkpoint
 
     # Everything that can fail on user input happens before the run directory is touched.
     tokenizer = load_tokenizer(cfg.model)
@@ -211,8 +218,10 @@ def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResul
         raise ConfigError(f"data.max_length ({cfg.data.max_length}) exceeds the model's context ({context}); set data.max_length<={context}")
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base_ids = {id(p) for p in model.parameters()}  # what methods add (adapters, experts) is saved in checkpoints
     methods = build_methods(cfg.methods)
-    ctx = Context(cfg, tokenizer, Encoder(tokenizer, cfg.data), accelerator, None, train_examples, t.seed)
+    ctx = Context(cfg, tokenizer, Encoder(tokenizer, cfg.data), accelerator, None, train_examples, t.seed,
+                  resume_state=ckpt.methods if ckpt else None)
     for m in methods:
         model = m.wrap_model(model, ctx)
     sources = [Source("task", train_examples, 1.0)]
@@ -227,23 +236,39 @@ def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResul
         raise ConfigError("no trainable parameters: the configuration froze the whole model")
     for m in methods:
         m.before_train(model, ctx)
-    run_dir = prepare_run_dir(Path(cfg.output.dir), cfg.output.overwrite, is_main=main)
+    if ckpt:
+        for m in methods:
+            m.load_state_dict(ckpt.methods.get(m.name, {}))
+    run_dir = prepare_run_dir(Path(out.dir), out.overwrite, is_main=main, resume=out.resume)
     ctx.run_dir = run_dir
     accelerator.wait_for_everyone()
 
-    world = accelerator.num_processes
     global_batch = t.micro_batch_size * t.grad_accum_steps * world
     batches = MixedBatches(sources, global_batch, t.seed)
     total_steps = t.max_steps or batches.steps_for_epochs(t.epochs)
+    fingerprint = data_fingerprint(sources)
 
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
+    if ckpt:
+        if ckpt.trainer["data"] != fingerprint or ckpt.trainer["total_steps"] != total_steps:
+            raise UserError(f"{ckpt.path}: the training data differs from the checkpoint's (a data file changed since?); resuming would not be exact, start a new run")
+        restore_model(model, ckpt.tensors("model.safetensors"), ckpt.path)
+        restore_optimizer(optimizer, model, ckpt.tensors("optimizer.safetensors"), ckpt.json("optimizer.json"), ckpt.path)
+        restore_scheduler(scheduler, ckpt.trainer["scheduler"])
     model, optimizer = accelerator.prepare(model, optimizer)
+    if ckpt and ckpt.trainer.get("scaler") and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(ckpt.trainer["scaler"])
+    metrics_file = None
     if main:
-        save_config(cfg, run_dir / "config.yaml")
+        remove_leftovers(run_dir, newer_than=ckpt.step if ckpt else -1)
+        if ckpt is None:
+            _save_run_config(cfg, run_dir)
+        metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        # A resumed run's metrics go on from the checkpoint: what was logged after it is logged again.
+        metrics_file.truncate(min(ckpt.trainer["metrics_bytes"], metrics_file.tell()) if ckpt else 0)
     if trackers:
-        accelerator.init_trackers(cfg.output.wandb_project if "wandb" in trackers else "tensorboard", config=_flat(to_dict(cfg)))
-    metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None
+        accelerator.init_trackers(out.wandb_project if "wandb" in trackers else "tensorboard", config=_flat(to_dict(cfg)))
 
     def log(record: dict) -> None:
         if metrics_file:
@@ -254,77 +279,135 @@ def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResul
             accelerator.log(flat, step=record["step"])
 
     roles = {s.name: s.role for s in eval_sets}
-    before = evaluate_sets(model, tokenizer, eval_sets, cfg, accelerator, "before") if cfg.eval.before else {}
-    if before:
-        log({"step": 0, "eval": before})
+    if ckpt:
+        state = ckpt.trainer
+        before, first_step, tokens_seen, source_counts = state["before"], ckpt.step, state["tokens_seen"], state["source_counts"]
+        last_loss = float("nan") if state["last_loss"] is None else state["last_loss"]
+        elapsed_before, in_a_row, skipped = state["train_time_s"], state["nonfinite_in_a_row"], state["skipped_steps"]
+    else:
+        before = evaluate_sets(model, tokenizer, eval_sets, cfg, accelerator, "before") if cfg.eval.before else {}
+        if before:
+            log({"step": 0, "eval": before})
+            fault("eval")
+        first_step, tokens_seen, source_counts, last_loss = 0, 0, [0] * len(sources), float("nan")
+        elapsed_before, in_a_row, skipped = 0.0, 0, 0
 
+    writer = CheckpointWriter(run_dir, accelerator, out.keep_last, base_ids)
+
+    def checkpoint(step: int) -> Path:
+        if metrics_file:
+            os.fsync(metrics_file.fileno())  # the checkpoint must not promise records the disk lost
+        state = trainer_state(
+            total_steps=total_steps, global_batch=global_batch, data=fingerprint, tokens_seen=tokens_seen,
+            source_counts=source_counts, last_loss=last_loss, train_time_s=elapsed_before + time.perf_counter() - started,
+            nonfinite_in_a_row=in_a_row, skipped_steps=skipped, metrics_bytes=metrics_file.tell() if metrics_file else None,
+            before=before,
+        )
+        try:
+            return writer.save(step, model, optimizer, scheduler, methods, state)
+        except UserError:
+            if metrics_file:
+                metrics_file.close()
+            raise
+
+    if ckpt:  # last: nothing in the setup above may draw from the restored random streams
+        restore_rng(*ckpt.rng(accelerator.process_index))
     model.train()
     started = time.perf_counter()
     window_tokens, window_start = 0, started
-    tokens_seen, last_loss = 0, float("nan")
-    source_counts = [0] * len(sources)
-    with TrainProgress(total_steps, enabled=cfg.output.progress and main) as progress:
-        for step in range(total_steps):
+    with TrainProgress(total_steps, enabled=out.progress and main) as progress:
+        say = (progress.note if progress.enabled else console.print) if main else (lambda message: None)
+        if first_step:
+            progress.update(first_step, last_loss, scheduler.get_last_lr()[0], 0.0)
+        for step in range(first_step, total_steps):
             pairs = batches.batch(step)
             for j, _ in pairs:
                 source_counts[j] += 1
             mine = batches.examples(shard(pairs, accelerator.process_index, world))
-            micro = [collate(group, tokenizer.pad_token_id) for group in chunks(mine, t.micro_batch_size)]
+            micro = micro_batches(mine, t.micro_batch_size, tokenizer.pad_token_id)
             local_targets = sum(count_targets(b["labels"]) for b in micro)
             global_targets = int(_reduce_sum(accelerator, torch.tensor([local_targets], dtype=torch.float64)).item())
             sums = forward_backward(model, micro, accelerator, scale=world / max(global_targets, 1), methods=methods)
-            grad_norm = None
-            if t.max_grad_norm is not None:
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
+            step_terms = sums.pop("step_terms")
+            grad_norm = _grad_norm(model, accelerator, t.max_grad_norm)
+            # One reduction: every process's summed terms, and whether any process saw a non-finite gradient.
+            flag = torch.tensor(0.0 if math.isfinite(grad_norm) else 1.0, dtype=torch.float64)
+            reduced = _reduce_sum(accelerator, torch.stack([*sums.values(), flag])).tolist()
+            totals = dict(zip(sums, reduced))
+            bad_loss = not all(math.isfinite(v) for v in [*totals.values(), *step_terms.values()])
+            problem = "non-finite loss" if bad_loss else ("non-finite grad" if reduced[-1] > 0 else None)
+            if problem is None or accelerator.scaler is not None:
+                optimizer.step()
+                if accelerator.scaler is not None and not bad_loss:  # fp16: the loss scaler skips overflowing steps itself
+                    problem = "non-finite grad" if optimizer.step_was_skipped else None
+            scheduler.step()  # also on a skipped step: the schedule, like the data, follows the step number
             optimizer.zero_grad(set_to_none=True)
 
-            step_terms = sums.pop("step_terms")
-            reduced = _reduce_sum(accelerator, torch.stack(list(sums.values())))
-            means = {k: float(v) / max(global_targets, 1) for k, v in zip(sums, reduced)}
-            last_loss = means.pop("lm")
             step_tokens = int(_reduce_sum(accelerator, torch.tensor([sum(int(b["attention_mask"].sum()) for b in micro)], dtype=torch.float64)).item())
             tokens_seen += step_tokens
             window_tokens += step_tokens
             now = time.perf_counter()
             tps = window_tokens / max(now - window_start, 1e-9)
             lr = scheduler.get_last_lr()[0]
-            progress.update(step + 1, last_loss, lr, tps)
-            if (step + 1) % cfg.output.log_every == 0 or step + 1 == total_steps:
-                record = {
-                    "step": step + 1,
-                    "epoch": round(batches.epoch_at(step + 1), 4),
-                    "loss": last_loss,
-                    "lr": lr,
-                    "target_tokens": global_targets,
-                    "tokens_per_s": round(tps, 1),
-                    "elapsed_s": round(now - started, 3),
-                }
-                terms = {**means, **step_terms}
-                if terms:
-                    record["terms"] = terms
-                    record["total_loss"] = last_loss + sum(terms.values())
-                if grad_norm is not None:
-                    record["grad_norm"] = grad_norm
-                log(record)
-                window_tokens, window_start = 0, now
+            if problem:
+                in_a_row, skipped = in_a_row + 1, skipped + 1
+                log({"step": step + 1, "skipped": problem})
+                say(f"step {step + 1}: {problem}; the update was skipped ({in_a_row} in a row)")
+                if t.max_nonfinite_steps is not None and in_a_row >= t.max_nonfinite_steps:
+                    saved = checkpoint(step + 1)
+                    if metrics_file:
+                        metrics_file.close()
+                    raise UserError(
+                        f"training stopped at step {step + 1}: the loss or gradient was non-finite (NaN/inf) at {in_a_row} steps "
+                        f"in a row (steps {step + 2 - in_a_row}-{step + 1}), whose updates were skipped; checkpoint {saved.name} "
+                        f"holds the last finite weights. Try a lower train.lr, check the training data around those steps, or "
+                        f"train in bf16/float32 instead of fp16; to go on anyway, --resume with a higher train.max_nonfinite_steps"
+                    )
+            else:
+                in_a_row = 0
+                means = {k: v / max(global_targets, 1) for k, v in totals.items()}
+                last_loss = means.pop("lm")
+                progress.update(step + 1, last_loss, lr, tps)
+                if (step + 1) % out.log_every == 0 or step + 1 == total_steps:
+                    record = {
+                        "step": step + 1,
+                        "epoch": round(batches.epoch_at(step + 1), 4),
+                        "loss": last_loss,
+                        "lr": lr,
+                        "target_tokens": global_targets,
+                        "tokens_per_s": round(tps, 1),
+                        "elapsed_s": round(elapsed_before + now - started, 3),
+                        "grad_norm": grad_norm,
+                    }
+                    terms = {**means, **step_terms}
+                    if terms:
+                        record["terms"] = terms
+                        record["total_loss"] = last_loss + sum(terms.values())
+                    log(record)
+                    window_tokens, window_start = 0, now
+            fault("step")
             if cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0 and step + 1 < total_steps:
                 log({"step": step + 1, "eval": evaluate_sets(model, tokenizer, eval_sets, cfg, accelerator, f"step {step + 1}")})
+                fault("eval")
                 window_start = time.perf_counter()
-    train_time = time.perf_counter() - started
+            if out.checkpoint_every and ((step + 1) % out.checkpoint_every == 0 or step + 1 == total_steps):
+                checkpoint(step + 1)
+                window_start = time.perf_counter()
+    train_time = elapsed_before + time.perf_counter() - started
 
     unwrapped = accelerator.unwrap_model(model)
     for m in methods:
         m.after_train(unwrapped, ctx)
     after = evaluate_sets(model, tokenizer, eval_sets, cfg, accelerator, "after")
     log({"step": total_steps, "eval": after})
+    fault("eval")
     train_info = {
         "steps": total_steps,
         "global_batch": global_batch,
         "processes": world,
         "tokens": tokens_seen,
         "final_loss": last_loss,
+        "skipped_steps": skipped,
         "train_time_s": round(train_time, 2),
         "tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
         "trainable_params": trainable,
@@ -335,16 +418,40 @@ def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResul
     data_info = {
         "train": vars(train_stats),
         "mix": {s.name: {"requested": round(w, 4), "observed": round(c / max(drawn, 1), 4)} for s, w, c in zip(sources, batches.shares, source_counts)},
-        **{s.name: {"role": s.role, "examples": len(s.examples)} for s in eval_sets},
+        **{s.name: {"role": s.role, "examples": len(s.examples), "metric": s.metric, "higher_is_better": s.higher_is_better} for s in eval_sets},
     }
     if main:
         if cfg.output.save_model:
             save_model(unwrapped, tokenizer, run_dir / "model", cfg)
-        write_summary(run_dir, before, after, roles, train_info, data_info)
-    if metrics_file:
+        write_summary(run_dir, before, after, roles, train_info, data_info)  # summary.json last: the run is finished
         metrics_file.close()
+        if not out.keep_checkpoints:
+            remove_checkpoints(run_dir)
     accelerator.wait_for_everyone()
     return RunResult(run_dir, before, after, roles, train_info, data_info, model=unwrapped, tokenizer=tokenizer)
+
+
+def _grad_norm(model, accelerator, max_norm) -> float:
+    """The global gradient norm (inf or nan when a gradient is), clipped to ``max_norm`` when set."""
+    if max_norm is not None:
+        return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _save_run_config(cfg: RunConfig, run_dir: Path) -> None:
+    """config.yaml describes the run, not how it was started: saved with output.resume off, atomically."""
+    saved = copy.copy(cfg)
+    saved.output = dataclasses.replace(cfg.output, resume=False)
+    tmp = run_dir / ".tmp-config.yaml"
+    save_config(saved, tmp)
+    os.replace(tmp, run_dir / "config.yaml")
+
+
+def _finished_result(run_dir: Path, summary: dict) -> RunResult:
+    """The result of a run that has already finished, from its summary.json (no model loaded)."""
+    roles = {row["set"]: row["role"] for row in summary.get("sets", [])}
+    return RunResult(run_dir, summary.get("before", {}), summary.get("after", {}), roles, summary.get("train", {}), summary.get("data", {}))
 
 
 def forward_backward(model, micro_batches: list[dict], accelerator, scale: float, methods: list = ()) -> dict:

@@ -50,3 +50,18 @@ def test_collate_pads_right_and_masks():
     assert t["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert count_targets(t["labels"]) == 3  # the first position is never predicted
     assert chunks([1, 2, 3, 4, 5], 2) == [[1, 2], [3, 4], [5]]
+
+
+def test_micro_batches_group_similar_lengths_and_keep_every_example():
+    from forgetless.data.batching import micro_batches
+
+    lengths = [30, 3, 28, 4, 29, 2, 31, 5]  # long task sequences interleaved with short mixed-in ones
+    exs = [Example(list(range(1, n + 1)), list(range(1, n + 1)), "x") for n in lengths]
+    grouped = micro_batches(exs, 4, pad_id=0)
+    naive = [collate(g, 0) for g in chunks(exs, 4)]
+    cells = lambda bs: sum(b["input_ids"].numel() for b in bs)  # noqa: E731
+    real = sum(lengths)
+    assert cells(grouped) - real < (cells(naive) - real) / 4  # padding mostly gone
+    assert sum(int(b["attention_mask"].sum()) for b in grouped) == real
+    assert sum(count_targets(b["labels"]) for b in grouped) == sum(count_targets(b["labels"]) for b in naive)
+    assert [b["input_ids"].shape for b in grouped] == [b["input_ids"].shape for b in micro_batches(exs, 4, 0)]  # deterministic

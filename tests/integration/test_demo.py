@@ -42,3 +42,16 @@ def test_demo_refuses_unknown_strategies_and_foreign_dirs(tmp_path):
         run_demo(tmp_path / "x", overwrite=True)
     assert (tmp_path / "x" / "mine.txt").read_text() == "keep me"
     assert "full fine-tuning" in STRATEGIES
+
+
+def test_demo_continual_part_writes_the_sequence_report(tmp_path):
+    run_demo(tmp_path / "demo", part="continual", quick_continual=True)
+    runs = tmp_path / "demo" / "continual" / "runs"
+    data = json.loads((runs / "results.json").read_text())
+    assert data["tasks"] == ["capitals", "elements", "currencies"]
+    assert set(data["strategies"]) == {"replay", "sequential", "joint"}
+    for name in ("report.html", "results.csv", "summary.md"):
+        assert (runs / name).is_file()
+    assert (tmp_path / "demo" / "continual" / "sequence.yaml").is_file()
+    with pytest.raises(UserError, match="--part"):
+        run_demo(tmp_path / "other", part="nope")

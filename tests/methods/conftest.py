@@ -62,15 +62,6 @@ class Scenario:
         return self._plain
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention (tens of times slower on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def scenario(tmp_path_factory) -> Scenario:
     root = tmp_path_factory.mktemp("forgetting")

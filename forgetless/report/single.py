@@ -1,0 +1,112 @@
+"""The report of one ``forgetless train`` run (a run directory with ``summary.json`` and no
+``results.json``): ``report.html`` with the before/after table of every scored set, the training
+loss and the scores over the run, and the resolved config. The run's own ``summary.md`` is left
+as it is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from forgetless.errors import UserError
+from forgetless.report import plots
+from forgetless.report.html import CSS, _e, _figure
+from forgetless.report.results import read_run_log
+from forgetless.report.tables import short_count
+
+# (key in a set's scores, label, higher is better)
+SET_METRICS = (
+    ("exact_match", "exact match", True),
+    ("mc_accuracy", "multiple choice acc", True),
+    ("token_accuracy", "token accuracy", True),
+    ("loss", "loss", False),
+    ("perplexity", "perplexity", False),
+)
+EXTRA_CSS = """
+table.cmp td.good .sub { color: #1a7f37; font-weight: 600; } table.cmp td.bad .sub { color: #cf222e; font-weight: 600; }
+table.cmp td:nth-child(2), table.cmp th:nth-child(2) { text-align: left; }
+"""
+
+
+def is_single_run(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").is_file() and not (run_dir / "results.json").exists()
+
+
+def _cell(before: Optional[float], after: Optional[float], higher: bool) -> str:
+    if after is None:
+        return "<td>n/a</td>"
+    if before is None:
+        return f"<td>{after:.4g}</td>"
+    change = after - before
+    verdict = "" if change == 0 else (" class=good" if (change > 0) == higher else " class=bad")
+    return f'<td{verdict}>{before:.4g} → {after:.4g}<span class="sub">{change:+.4g}</span></td>'
+
+
+def _table(before: dict, after: dict, roles: dict[str, str]) -> str:
+    shown = [m for m in SET_METRICS if any(m[0] in (after.get(s) or {}) for s in roles)]
+    head = "<th>set</th><th>role</th>" + "".join(
+        f'<th>{_e(label)}<span class="dir">{"higher" if higher else "lower"} is better</span></th>' for _, label, higher in shown)
+    body = "".join(
+        f"<tr><td>{_e(name)}</td><td>{'learn' if role == 'new' else 'keep'}</td>"
+        + "".join(_cell((before.get(name) or {}).get(k), (after.get(name) or {}).get(k), higher) for k, _, higher in shown) + "</tr>"
+        for name, role in roles.items())
+    return f'<div class="scroll"><table class="cmp"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _training(train: dict) -> str:
+    parts = []
+    if "steps" in train:
+        parts.append(f"{train['steps']:,} steps")
+    if "tokens" in train:
+        parts.append(f"{train['tokens']:,} tokens")
+    if "train_time_s" in train:
+        parts.append(f"{train['train_time_s']:,.1f} s")
+    if "final_loss" in train:
+        parts.append(f"final loss {train['final_loss']:.4f}")
+    if train.get("trainable_params") is not None:
+        total = train.get("total_params")
+        parts.append(f"{short_count(train['trainable_params'])} trainable params" + (f" of {short_count(total)}" if total else ""))
+    methods = ", ".join(train.get("methods") or {})
+    if methods:
+        parts.append(f"methods: {methods}")
+    return " · ".join(parts)
+
+
+def write_single_run_report(run_dir: Path) -> dict[str, Path]:
+    """Write ``run_dir/report.html`` for a single training run; return its path."""
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{path}: not valid JSON; the run did not finish cleanly, train it again") from None
+    if not isinstance(summary, dict):
+        raise UserError(f"{path}: expected a JSON object; the run did not finish cleanly, train it again")
+    before, after = summary.get("before") or {}, summary.get("after") or {}
+    roles = {row["set"]: row.get("role", "keep") for row in summary.get("sets") or [] if isinstance(row, dict) and "set" in row}
+    notes: list[str] = []
+    log = read_run_log(run_dir / "metrics.jsonl", "metrics.jsonl", notes) if (run_dir / "metrics.jsonl").is_file() else None
+    figure = plots.run_curves(log, roles) if log else None
+    config = run_dir / "config.yaml"
+    sections = [
+        f"<h1>Run report: {_e(run_dir.name)}</h1>",
+        f'<p class="muted small">{_e(_training(summary.get("train") or {}))}</p>',
+        "<h2>What it learned and what it kept</h2>",
+        '<p class="small muted">Every set scored before the first step and after the last; learn = data.eval, '
+        "keep = data.keep. Green: better after training, red: worse.</p>",
+        _table(before, after, roles),
+    ]
+    if figure is not None:
+        sections += ["<h2>Over the run</h2>", _figure(figure, "Training loss per step, and each set's score at every evaluation "
+                                                     "(solid: sets to learn, dashed: sets to keep).")]
+    if config.is_file():
+        sections += ["<h2>Configuration</h2>", f'<details class="cfg" open><summary>config.yaml</summary><pre>{_e(config.read_text(encoding="utf-8"))}</pre></details>']
+    if notes:
+        sections += ["<h2>Notes</h2>", '<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>"]
+    sections.append("<footer>Generated by <code>forgetless report</code> from <code>summary.json</code> and <code>metrics.jsonl</code>. "
+                    "A task sequence (<code>forgetless continual</code> / <code>compare</code>) gets the full comparison report.</footer>")
+    out = run_dir / "report.html"
+    out.write_text(f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">'
+                   f"<title>Run report: {_e(run_dir.name)}</title><style>{CSS}{EXTRA_CSS}</style></head><body><main>\n"
+                   + "\n".join(sections) + "\n</main></body></html>\n", encoding="utf-8")
+    return {"html": out}
