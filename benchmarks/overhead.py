@@ -29,8 +29,8 @@ CONFIGS: dict[str, tuple[list[str], str]] = {
     "l2sp": (["methods.l2sp.weight=0.01"], "full fine-tuning"),
     "ewc": (["methods.ewc.weight=10000", "methods.ewc.data=demo:capitals", "methods.ewc.samples=32"], "full fine-tuning"),
     "kl (frozen copy)": (["methods.kl.weight=1"], "full fine-tuning"),
-    "mix 25%": (["methods.mix.sources.general=demo:capitals", "methods.mix.ratio=0.25"], "full fine-tuning"),
-    "replay 25%": (["methods.replay.memory=[demo:capitals]", "methods.replay.size_examples=64", "methods.replay.ratio=0.25"], "full fine-tuning"),
+    "mix 25%": (["methods.mix.sources.general={old}", "methods.mix.ratio=0.25"], "full fine-tuning"),
+    "replay 25%": (["methods.replay.memory=[{old}]", "methods.replay.size_examples=64", "methods.replay.ratio=0.25"], "full fine-tuning"),
     "lora": (["methods.lora.r=8"], "lora"),
     "lora + ewc": (["methods.lora.r=8", "methods.ewc.weight=10000", "methods.ewc.data=demo:capitals", "methods.ewc.samples=32"], "lora"),
     "lora + l2sp": (["methods.lora.r=8", "methods.l2sp.weight=0.01"], "lora"),
@@ -98,6 +98,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--data", default="demo:elements", help="training data (default demo:elements: short prompts)")
     p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--old-data", default="demo:capitals",
+                   help="old / general data that mix and replay draw from (default demo:capitals)")
     p.add_argument("--only", nargs="*", help="names of configurations to run")
     p.add_argument("--repeats", type=int, default=1, help="runs of each configuration (round-robin); the fastest is kept")
     p.add_argument("--json", help="where to write the results (default benchmarks/overhead.json)")
@@ -113,7 +115,7 @@ def main() -> None:
     # kept: a background load then slows every configuration alike instead of whichever ran during it.
     for _ in range(args.repeats):
         for name in names:
-            overrides = [o.replace("{half}", str(args.layers // 2)) for o in CONFIGS[name][0]]
+            overrides = [o.replace("{half}", str(args.layers // 2)).replace("{old}", args.old_data) for o in CONFIGS[name][0]]
             cmd = [sys.executable, __file__, "--child", "--overrides", json.dumps(overrides), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--hidden", str(args.hidden), "--layers", str(args.layers), "--batch", str(args.batch),
                    "--data", args.data, "--max-length", str(args.max_length)]
@@ -131,7 +133,7 @@ def main() -> None:
 def markdown(results: dict, args) -> str:
     full = results.get("full fine-tuning")
     lines = [
-        f"Model: tiny Llama, hidden {args.hidden}, {args.layers} layers; data {args.data}, max length {args.max_length}, "
+        f"Model: tiny Llama, hidden {args.hidden}, {args.layers} layers; data {args.data} (old data {getattr(args, 'old_data', 'demo:capitals')}), max length {args.max_length}, "
         f"batch {args.batch}; {args.steps} steps "
         f"(median step time after {args.warmup} warm-up steps; fastest of {getattr(args, 'repeats', 1)} round-robin runs).",
         "",

@@ -494,8 +494,10 @@ def check_same_config(saved_path: Path, cfg) -> None:
         saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{saved_path}: cannot read the run's config ({str(e).splitlines()[0]}); resume is not possible, start a new run") from None
-    here = yaml.safe_load(yaml.safe_dump(to_dict(cfg)))
-    a, b = _flatten(saved), _flatten(here)
+    from forgetless.config import redact_secrets
+
+    here = yaml.safe_load(yaml.safe_dump(redact_secrets(to_dict(cfg))))  # config.yaml holds secrets redacted
+    a, b = _flatten(redact_secrets(saved)), _flatten(here)
     for key in [*b, *(k for k in a if k not in b)]:
         if key in RESUME_MAY_CHANGE or a.get(key, "<unset>") == b.get(key, "<unset>"):
             continue

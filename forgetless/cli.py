@@ -361,8 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="offline demo: a small model learns facts, forgets them when fine-tuned, and each method's remedy",
         description="Builds a tiny Llama, teaches it world capitals (shipped data), fine-tunes it on chemical "
         "element symbols with plain full fine-tuning and with each anti-forgetting method, and shows old- and "
-        "new-task scores before and after, time and trainable parameters. Offline, a few minutes on 2 CPU "
-        "cores. Writes report.md, report.html and results.json.",
+        "new-task scores before and after, time and trainable parameters. Then a sequence of three tasks "
+        "(capitals -> elements -> currencies) compared across strategies with the sequential and joint "
+        "baselines (accuracy matrices, BWT, FWT, forgetting; report under OUT/continual/runs). Offline, a few "
+        "minutes on 2 CPU cores. Writes report.md, report.html and results.json.",
     )
     p.add_argument("--output-dir", "-o", default="runs/demo", help="where the demo writes its runs and report (default runs/demo)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in that directory")

@@ -763,6 +763,13 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def config_from_dict(data: dict) -> RunConfig:
+    """A validated RunConfig from a plain dict such as ``to_dict`` gives (paths already resolved)."""
+    cfg = _build(RunConfig, data, "", _Source(None, {}), Path.cwd())
+    cfg.validate()
+    return cfg
+
+
 def strategy_configs(cfg: RunConfig) -> dict[str, RunConfig]:
     """Every strategy of a task-sequence config as its own RunConfig (the file's methods if none)."""
     if not cfg.continual.strategies:

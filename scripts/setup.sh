@@ -18,5 +18,6 @@ if ! python -c "import torch" 2>/dev/null; then
   # shellcheck disable=SC2086
   python -m pip install --quiet ${FORGETLESS_TORCH:-torch==2.13.0}
 fi
-python -m pip install --quiet -e ".[dev]"
+# FORGETLESS_EXTRAS: the optional extras to install with it (the test script adds harness).
+python -m pip install --quiet -e ".[${FORGETLESS_EXTRAS:-dev}]"
 python -c "import torch, transformers, peft, accelerate; print(f'forgetless env ready: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}')"

@@ -14,7 +14,7 @@ Each process takes its contiguous share of a global batch and cuts it into micro
 and a run's data position is just its step number (what exact resume needs).
 
 Inside its share, a process groups examples of similar length into the same micro-batch
-(:func:`micro_batches`). The step's loss is a sum over all target tokens of the global batch, so
+(:func:`micro_batches`; the number of micro-batches may then differ from grad_accum_steps). The step's loss is a sum over all target tokens of the global batch, so
 how the examples are grouped does not change it, but padding does change the cost: a short
 mixed-in or replayed sequence padded to the length of a long task sequence costs as much as the
 long one. Grouping by length is what keeps mixing and replay at about the cost of their tokens.
@@ -107,13 +107,30 @@ def chunks(items: list, size: int) -> list[list]:
 
 
 def micro_batches(examples: list[Example], size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """Collated micro-batches of ``size`` examples, longest first, similar lengths together.
+    """Collated micro-batches of similar lengths, longest first, within a fixed memory budget.
 
-    The order is a pure function of the examples (stable sort by length), so it is the same on
-    every run and does not depend on the number of processes beyond each process's share.
+    Examples are sorted by length (stable, so the grouping is a pure function of the batch). A
+    micro-batch is closed when the next example is shorter than half of its longest one (so at most
+    half of any micro-batch is padding, usually far less), or when one more example would exceed
+    ``size`` x the longest sequence of the share in padded tokens (the memory the user sized
+    ``micro_batch_size`` for). Short mixed-in or replayed sequences therefore neither pay for the
+    padding of long task sequences nor cost extra forward passes. The step's loss is a sum over
+    target tokens, so the grouping does not change it.
     """
     ordered = sorted(examples, key=lambda e: -len(e.input_ids))
-    return [collate(group, pad_id) for group in chunks(ordered, size)]
+    if not ordered:
+        return []
+    budget = size * len(ordered[0].input_ids)
+    groups: list[list[Example]] = [[]]
+    for e in ordered:
+        group = groups[-1]
+        if group:
+            longest = len(group[0].input_ids)
+            if 2 * len(e.input_ids) < longest or (len(group) + 1) * longest > budget:
+                group = []
+                groups.append(group)
+        group.append(e)
+    return [collate(g, pad_id) for g in groups]
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

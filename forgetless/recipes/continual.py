@@ -50,13 +50,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import yaml
 
 from forgetless.config import (
     ContinualConfig,
     DatasetSpec,
     RunConfig,
     default_strategy_name,
+    config_from_dict,
     load_config,
+    redact_secrets,
     save_config,
     strategy_configs,
     to_dict,
@@ -415,7 +418,7 @@ def write_outputs(out: Path) -> dict:
 
 def _check_same_sequence(cfg: RunConfig, out: Path) -> None:
     saved = load_config(out / "config.yaml")
-    a, b = to_dict(saved), to_dict(cfg)
+    a, b = redact_secrets(to_dict(saved)), redact_secrets(to_dict(cfg))  # the saved file holds secrets redacted
     for section in ("model", "data", "train", "eval", "methods", "tasks", "continual"):
         if a.get(section) != b.get(section):
             raise ConfigError(f"--resume: {section} differs from the config this sequence started with ({out / 'config.yaml'}); resume with the same config, or start a new output.dir")
@@ -425,14 +428,14 @@ def _run_isolated(scfg: RunConfig, name: str, out: Path, baseline: Optional[str]
     """Run one strategy in a child process (its own peak memory; a crash stays its own)."""
     sdir = out / name
     sdir.mkdir(parents=True, exist_ok=True)
-    spec = sdir / "strategy.yaml"
-    save_config(scfg, spec)
-    cmd = [sys.executable, "-m", "forgetless.recipes.continual", str(spec), str(out), name]
+    save_config(scfg, sdir / "strategy.yaml")  # for the user to read (secrets redacted)
+    # The child gets the config itself on stdin, so no secret it may hold is written anywhere.
+    cmd = [sys.executable, "-m", "forgetless.recipes.continual", "-", str(out), name]
     if baseline:
         cmd += ["--baseline", baseline]
     if resume:
         cmd.append("--resume")
-    code = subprocess.call(cmd)
+    code = subprocess.run(cmd, input=yaml.safe_dump(to_dict(scfg)), text=True).returncode
     if code != 0 or not (sdir / STRATEGY_FILE).is_file():
         raise UserError(f"strategy {name!r} failed (exit code {code}; its error is above); fix it and run again with --resume")
     return json.loads((sdir / STRATEGY_FILE).read_text(encoding="utf-8"))
@@ -459,7 +462,8 @@ def _child(argv: list[str]) -> int:
     args = p.parse_args(argv)
     _quiet_libraries()
     try:
-        run_strategy(load_config(args.config), args.name, Path(args.out), args.baseline, args.resume)
+        cfg = config_from_dict(yaml.safe_load(sys.stdin.read())) if args.config == "-" else load_config(args.config)
+        run_strategy(cfg, args.name, Path(args.out), args.baseline, args.resume)
     except UserError as e:
         print(f"forgetless: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -44,7 +44,7 @@ from forgetless.checkpoint import (
     restore_scheduler,
     trainer_state,
 )
-from forgetless.config import RunConfig, save_config, to_dict
+from forgetless.config import RunConfig, redact_secrets, save_config, to_dict
 from forgetless.data.batching import MixedBatches, Source, count_targets, micro_batches, shard
 from forgetless.data.formats import EncodeStats, Encoder, Example
 from forgetless.data.loading import load_records
@@ -268,7 +268,7 @@ def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResul
         # A resumed run's metrics go on from the checkpoint: what was logged after it is logged again.
         metrics_file.truncate(min(ckpt.trainer["metrics_bytes"], metrics_file.tell()) if ckpt else 0)
     if trackers:
-        accelerator.init_trackers(out.wandb_project if "wandb" in trackers else "tensorboard", config=_flat(to_dict(cfg)))
+        accelerator.init_trackers(out.wandb_project if "wandb" in trackers else "tensorboard", config=_flat(redact_secrets(to_dict(cfg))))
 
     def log(record: dict) -> None:
         if metrics_file:

@@ -65,3 +65,12 @@ def test_micro_batches_group_similar_lengths_and_keep_every_example():
     assert sum(int(b["attention_mask"].sum()) for b in grouped) == real
     assert sum(count_targets(b["labels"]) for b in grouped) == sum(count_targets(b["labels"]) for b in naive)
     assert [b["input_ids"].shape for b in grouped] == [b["input_ids"].shape for b in micro_batches(exs, 4, 0)]  # deterministic
+
+    # one micro-batch of long task sequences and short mixed-in ones is split, never over the memory budget
+    one = micro_batches(exs, 8, pad_id=0)
+    assert [tuple(b["input_ids"].shape) for b in one] == [(4, 31), (3, 5), (1, 2)]  # at most half padding
+    assert all(b["input_ids"].numel() <= 8 * 31 for b in one)
+    same = [Example([1] * n, [1] * n, "x") for n in (10, 9, 8, 7, 6, 10, 9, 8)]
+    assert [tuple(b["input_ids"].shape) for b in micro_batches(same, 4, 0)] == [(4, 10), (4, 8)]  # similar lengths: size per micro-batch
+    short = [Example([1] * 40, [1] * 40, "x")] + [Example([1] * 25, [1] * 25, "x")] * 6
+    assert [b["input_ids"].shape[0] for b in micro_batches(short, 2, 0)] == [2, 3, 2]  # budget 2 x 40 cells
