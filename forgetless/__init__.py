@@ -6,6 +6,8 @@ The Python API mirrors the CLI::
     cfg = forgetless.load_config("run.yaml", ["train.lr=1e-4"])
     result = forgetless.train(cfg)          # before/after scores of every eval and keep set
     scores = forgetless.evaluate("runs/x", {"capitals": "demo:capitals"})
+    seq = forgetless.run_sequence(forgetless.load_config("sequence.yaml"), compare=True)
+    seq.results["strategies"]["ewc"]["matrix"]   # the accuracy matrix R[t][k]
 """
 
 __version__ = "0.1.0"
@@ -28,4 +30,12 @@ def evaluate(model, data, **kwargs):
     return _evaluate(model, data, **kwargs)
 
 
-__all__ = ["RunConfig", "UserError", "load_config", "train", "evaluate", "__version__"]
+def run_sequence(cfg, compare: bool = False, resume: bool = False):
+    """Train a task sequence (``cfg.tasks``) with one strategy, or every strategy of
+    ``cfg.continual.strategies`` when ``compare``; see :mod:`forgetless.recipes.continual`."""
+    from forgetless.recipes.continual import run_sequence as _run_sequence
+
+    return _run_sequence(cfg, compare=compare, resume=resume)
+
+
+__all__ = ["RunConfig", "UserError", "load_config", "train", "evaluate", "run_sequence", "__version__"]

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Optional
 
@@ -29,11 +30,14 @@ examples:
   forgetless eval runs/my-run --data old=old.jsonl --data new=new.jsonl
   forgetless interpolate runs/my-run --min-keep 0.9        # WiSE-FT alpha sweep, writes the chosen model
   forgetless train run.yaml methods.lora.r=16 methods.kl.weight=1  # anti-forgetting methods, combined
+  forgetless continual sequence.yaml --baselines sequential,joint   # tasks one after another: accuracy matrix
+  forgetless compare sequence.yaml                  # several strategies, same tasks and seed: one table
   forgetless report runs/my-sequence                # report.html, results.csv, summary.md of a comparison
   forgetless config --markdown                      # every config key, its default and meaning
 
 Data: .jsonl/.json/.csv/.parquet/.txt files or hub dataset ids, with records
-{"text"}, {"prompt", "completion"} or {"messages": [{"role", "content"}, ...]}.
+{"text"}, {"prompt", "completion"}, {"messages": [{"role", "content"}, ...]} or
+{"question", "choices", "answer"} (multiple choice).
 """
 
 
@@ -90,6 +94,8 @@ def cmd_continual(args: argparse.Namespace, compare: bool = False) -> int:
     from forgetless.recipes.continual import run_sequence
 
     config, overrides = _split_config_and_overrides(args.config_and_overrides)
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite contradict each other: --resume keeps the finished work, --overwrite deletes it; choose one")
     if args.output_dir:
         overrides.append(f"output.dir={args.output_dir}")
     if args.overwrite:
@@ -119,7 +125,8 @@ def print_sequence_table(results: dict) -> None:
     general = results["general"]
     table = Table(title=f"task sequence: {' -> '.join(results['tasks'])}", title_justify="left",
                   caption="final/incr: mean headline score of all tasks at the end / over tasks seen so far; BWT < 0 and "
-                  "forget > 0: forgotten; gen: perplexity change on each data.keep probe (negative = worse); * baseline",
+                  "forget > 0: forgotten; " + ("gen: perplexity change on each data.keep probe (negative = worse); " if general else "")
+                  + "* baseline",
                   caption_justify="left")
     for col in ("strategy", "final", "incr", "BWT", "FWT", "forget", *(f"gen {g}" for g in general), "train s", "params", "peak MB"):
         table.add_column(col, no_wrap=True)
@@ -295,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
          "Run every strategy of continual.strategies (plus continual.baselines: sequential, joint) on the same "
          "task sequence and seed, each in its own process, and compare them in one table and report."),
     ):
-        p = sub.add_parser(name, help=helptext, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        p = sub.add_parser(name, help=helptext, description=textwrap.fill(description, 100), formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog=f"example:\n  forgetless {name} sequence.yaml --baselines sequential,joint train.max_steps=50")
         p.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="a YAML config with tasks: and/or overrides")
         p.add_argument("--output-dir", "-o", help="output directory (same as output.dir=...)")

@@ -55,29 +55,14 @@ def score_sets(model, tokenizer, sets: dict[str, list[Example]], *, batch_size: 
     return results
 
 
-def evaluate(
-    model: str,
-    data: dict[str, Union[str, DatasetSpec]],
-    *,
-    batch_size: int = 16,
-    max_examples: Optional[int] = None,
-    generation: bool = True,
-    max_new_tokens: int = 32,
-    max_length: int = 1024,
-    chat_template: Optional[str] = None,
-    trust_remote_code: bool = False,
-    progress: bool = False,
-    metrics: Optional[dict[str, str]] = None,
-) -> dict[str, dict[str, float]]:
+def evaluate(model: str, data: dict[str, Union[str, DatasetSpec]], **options) -> dict[str, dict[str, float]]:
     """Scores of ``model`` (a run directory, a model directory, a hub id, or 'tiny') on each named dataset.
 
     Returns ``{name: {"loss", "perplexity", "token_accuracy", "exact_match", "examples", "score", ...}}``;
     ``score`` is the set's ``metrics[name]`` (or its DatasetSpec's ``metric``, or the data's natural headline).
+    ``options`` are those of :func:`evaluate_with_metrics` (batch_size, max_examples, generation, ...).
     """
-    return evaluate_with_metrics(
-        model, data, batch_size=batch_size, max_examples=max_examples, generation=generation, max_new_tokens=max_new_tokens,
-        max_length=max_length, chat_template=chat_template, trust_remote_code=trust_remote_code, progress=progress, metrics=metrics,
-    )[0]
+    return evaluate_with_metrics(model, data, **options)[0]
 
 
 def evaluate_with_metrics(
