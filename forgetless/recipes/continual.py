@@ -98,7 +98,7 @@ def task_metric(task, cfg: RunConfig) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def _eval_spec(task, cfg: RunConfig) -> DatasetSpec:
+def _eval_spec(task) -> DatasetSpec:
     spec = copy.deepcopy(task.eval or task.train[0])
     if task.metric:
         spec.metric = task.metric
@@ -115,8 +115,8 @@ def task_run_config(scfg: RunConfig, t: int, out: Path, previous: Optional[Path]
     c = copy.deepcopy(scfg)
     c.tasks, c.continual = [], ContinualConfig()
     c.data.train = copy.deepcopy(task.train)
-    c.data.eval = {task.name: _eval_spec(task, scfg)}
-    c.data.keep = {**copy.deepcopy(scfg.data.keep), **{o.name: _eval_spec(o, scfg) for o in tasks if o.name != task.name}}
+    c.data.eval = {task.name: _eval_spec(task)}
+    c.data.keep = {**copy.deepcopy(scfg.data.keep), **{o.name: _eval_spec(o) for o in tasks if o.name != task.name}}
     c.data.eval_holdout = 0
     if task.epochs is not None:
         c.train.epochs, c.train.max_steps = task.epochs, None
@@ -171,7 +171,7 @@ def joint_run_config(cfg: RunConfig, out: Path) -> RunConfig:
     tasks = cfg.tasks
     c.tasks, c.continual = [], ContinualConfig()
     c.data.train = [copy.deepcopy(s) for task in tasks for s in task.train]
-    c.data.eval = {task.name: _eval_spec(task, cfg) for task in tasks}
+    c.data.eval = {task.name: _eval_spec(task) for task in tasks}
     c.data.eval_holdout = 0
     batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
     steps = 0

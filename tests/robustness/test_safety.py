@@ -92,10 +92,10 @@ def test_package_source_loads_nothing_unsafely():
 
 def test_trust_remote_code_is_off_everywhere_by_default():
     from forgetless.cli import build_parser
-    from forgetless.eval.run import evaluate
+    from forgetless.eval.run import evaluate_with_metrics  # evaluate() passes its options on to it
 
     assert ModelConfig().trust_remote_code is False
-    assert inspect.signature(evaluate).parameters["trust_remote_code"].default is False
+    assert inspect.signature(evaluate_with_metrics).parameters["trust_remote_code"].default is False
     args = build_parser().parse_args(["eval", "tiny", "--data", "a=demo:capitals"])
     assert args.trust_remote_code is False
 
