@@ -59,14 +59,16 @@ from forgetless.config import (
     default_strategy_name,
     config_from_dict,
     load_config,
-    redact_secrets,
     save_config,
     strategy_configs,
     to_dict,
 )
+from forgetless.checkpoint import check_same_config
 from forgetless.errors import ConfigError, UserError
 from forgetless.eval import metrics as M
 from forgetless.eval.headline import higher_is_better
+from forgetless.report import write_report
+from forgetless.report.tables import strategy_metrics
 from forgetless.rundir import prepare_run_dir
 
 STRATEGY_FILE = "strategy.json"
@@ -82,15 +84,6 @@ def headline(scores: Optional[dict]) -> Optional[float]:
     if not scores or scores.get("score") is None:
         return None
     return float(scores["score"])
-
-
-def task_metric(task, cfg: RunConfig) -> str:
-    """The metric a task asks for, before its data is seen (the scorer's resolved one wins later)."""
-    spec = task.eval or task.train[0]
-    chosen = task.metric or spec.metric
-    if chosen:
-        return chosen
-    return "exact_match" if cfg.eval.generation else "token_accuracy"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,7 +306,7 @@ def run_strategy(scfg: RunConfig, name: str, out: Path, baseline: Optional[str] 
     }
     # each task's metric as its scorer resolved it (the first run scores every task)
     scored = summaries[0].get("data", {})
-    metrics = {task.name: scored.get(task.name, {}).get("metric") or task_metric(task, scfg) for task in tasks}
+    metrics = {task.name: scored[task.name]["metric"] for task in tasks}
     result["metrics"] = metrics
     directions = [higher_is_better(metrics[task.name]) for task in tasks]
     result["summary"] = summarize_strategy(result, directions, list(scfg.data.keep))
@@ -327,8 +320,6 @@ def summarize_strategy(result: dict, directions: list[bool], general: list[str])
     Lower-is-better task metrics (loss, perplexity) are negated first, so BWT < 0 always means
     forgetting (forgetless.report.tables.strategy_metrics: the report's table uses the same function).
     """
-    from forgetless.report.tables import strategy_metrics
-
     out: dict[str, Any] = dict(strategy_metrics(result["matrix"], directions))
     retention = {}
     for probe in general:
@@ -374,7 +365,7 @@ def run_sequence(cfg: RunConfig, compare: bool = False, resume: bool = False) ->
     todo = plan(cfg, compare)
     out = Path(cfg.output.dir)
     if resume and (out / "config.yaml").is_file():
-        _check_same_sequence(cfg, out)
+        check_same_config(out / "config.yaml", cfg)
     else:
         prepare_run_dir(out, cfg.output.overwrite)
         save_config(cfg, out / "config.yaml")
@@ -383,45 +374,24 @@ def run_sequence(cfg: RunConfig, compare: bool = False, resume: bool = False) ->
         "forgetless_version": _version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tasks": [t.name for t in cfg.tasks],
-        "metrics": {t.name: task_metric(t, cfg) for t in cfg.tasks},  # replaced by the scorer's choice below
-        "higher_is_better": {t.name: higher_is_better(task_metric(t, cfg)) for t in cfg.tasks},
         "general": list(cfg.data.keep),
         "strategies": {},
     }
     for name, scfg, baseline in todo:
         done = out / name / STRATEGY_FILE
         if resume and done.is_file():
-            results["strategies"][name] = json.loads(done.read_text(encoding="utf-8"))
-            continue
-        if cfg.continual.isolate:
-            results["strategies"][name] = _run_isolated(scfg, name, out, baseline, resume)
+            strategy = json.loads(done.read_text(encoding="utf-8"))
+        elif cfg.continual.isolate:
+            strategy = _run_isolated(scfg, name, out, baseline, resume)
         else:
-            results["strategies"][name] = run_strategy(scfg, name, out, baseline, resume)
+            strategy = run_strategy(scfg, name, out, baseline, resume)
+        results["strategies"][name] = strategy
+        if "metrics" not in results:  # each task's metric as the scorer resolved it (the same in every strategy)
+            results["metrics"] = strategy["metrics"]
+            results["higher_is_better"] = {k: higher_is_better(v) for k, v in strategy["metrics"].items()}
         (out / RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
-    first = next(iter(results["strategies"].values()))
-    if first.get("metrics"):
-        results["metrics"] = first["metrics"]
-        results["higher_is_better"] = {k: higher_is_better(v) for k, v in first["metrics"].items()}
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
-    files = write_outputs(out)
+    files = write_report(out)  # report.html, results.csv, summary.md from results.json
     return SequenceResult(out, results, files)
-
-
-def write_outputs(out: Path) -> dict:
-    """report.html, results.csv and summary.md from results.json (the report module, if present)."""
-    try:
-        from forgetless.report import write_report
-    except ImportError:
-        return {"results": out / RESULTS_FILE}
-    return write_report(out)
-
-
-def _check_same_sequence(cfg: RunConfig, out: Path) -> None:
-    saved = load_config(out / "config.yaml")
-    a, b = redact_secrets(to_dict(saved)), redact_secrets(to_dict(cfg))  # the saved file holds secrets redacted
-    for section in ("model", "data", "train", "eval", "methods", "tasks", "continual"):
-        if a.get(section) != b.get(section):
-            raise ConfigError(f"--resume: {section} differs from the config this sequence started with ({out / 'config.yaml'}); resume with the same config, or start a new output.dir")
 
 
 def _run_isolated(scfg: RunConfig, name: str, out: Path, baseline: Optional[str], resume: bool) -> dict:

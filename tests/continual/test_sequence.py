@@ -76,4 +76,4 @@ def test_compare_cli_isolated_processes_and_resume(tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["strategies"]["l2sp"]["matrix"] == data["strategies"]["l2sp"]["matrix"]
     # resuming with another config is refused
     assert main(["compare", str(cfg), "-o", str(out), "--resume", "train.lr=0.1"]) == 2
-    assert "differs" in capsys.readouterr().err
+    assert "train.lr is 0.003" in capsys.readouterr().err  # names the field that changed

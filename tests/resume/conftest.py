@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -84,5 +85,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert summary(a) == summary(b)
 
 
-def data_file(folder: Path) -> Path:
-    return write_jsonl(folder / "pc.jsonl", PC_RECORDS)
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> Path:
+    """The resume tests' training data (prompt/completion records), written once."""
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pc.jsonl", PC_RECORDS)

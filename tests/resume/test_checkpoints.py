@@ -15,14 +15,9 @@ from forgetless import checkpoint
 from forgetless.cli import main
 from forgetless.errors import ConfigError, UserError
 from tests.conftest import PC_RECORDS, write_jsonl
-from tests.resume.conftest import assert_same_run, data_file, killed, metrics, overrides, resume, train
+from tests.resume.conftest import assert_same_run, killed, metrics, overrides, resume, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return data_file(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,11 @@ from pathlib import Path
 import pytest
 
 from forgetless.cli import main
-from tests.resume.conftest import assert_same_run, data_file, killed, overrides, resume, train
+from tests.resume.conftest import assert_same_run, killed, overrides, resume, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 EVERY_3 = "eval.every_steps=3"  # evaluations at steps 3 and 6 as well: eval faults 1 = before, 2 = step 3, 4 = final
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return data_file(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from forgetless.loss import token_cross_entropy
 from forgetless.methods.base import REGISTRY, Method, MethodSpec
 from forgetless.models.tiny import build_tiny_model, load_tiny_tokenizer
 from forgetless.recipes.finetune import forward_backward
-from tests.resume.conftest import data_file, overrides, resume, train
+from tests.resume.conftest import overrides, resume, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -58,11 +58,6 @@ class Poison(Method):
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     monkeypatch.setitem(REGISTRY, "poison", MethodSpec("poison", PoisonConfig, Poison, "test only", 90, {}))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return data_file(tmp_path_factory.mktemp("data"))
 
 
 def _checkpoint(run: Path, step: int, name: str) -> dict[str, torch.Tensor]:
