@@ -12,8 +12,17 @@ The Python API mirrors the CLI::
 
 __version__ = "0.1.0"
 
-from forgetless.config import RunConfig, load_config
-from forgetless.errors import UserError
+from forgetless import registry as _registry
+
+
+def _builtin_methods() -> None:
+    import forgetless.methods  # noqa: F401  (each module registers its method)
+
+
+_registry.add_source(_builtin_methods)  # imported when the registry is first read, not before
+
+from forgetless.config import RunConfig, load_config  # noqa: E402
+from forgetless.errors import UserError  # noqa: E402
 
 
 def train(cfg):

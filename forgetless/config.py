@@ -25,6 +25,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from forgetless.errors import ConfigError
+from forgetless.registry import REGISTRY, check_combination
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None) -> Any:
@@ -429,8 +430,6 @@ class RunConfig:
             raise ConfigError("data.train is missing: give the training data, e.g. data.train=path/to/train.jsonl")
         elif self.continual.strategies or self.continual.baselines:
             raise ConfigError("continual.strategies / continual.baselines need a task sequence: add tasks: [...]")
-        from forgetless.methods import check_combination
-
         for name, mcfg in self.methods.items():
             if self.tasks and hasattr(mcfg, "validate_in_sequence"):
                 mcfg.validate_in_sequence(f"methods.{name}")  # parts a task sequence fills in (e.g. replay's memory)
@@ -586,8 +585,6 @@ def _convert(value: Any, tp: Any, key: str, src: _Source, base_dir: Path) -> Any
 
 def _convert_methods(value: Any, key: str, src: _Source, base_dir: Path) -> MethodConfigs:
     """``{name: options}`` (or a list of names) -> {name: the method's config dataclass}."""
-    from forgetless.methods import REGISTRY
-
     if value is None:
         return MethodConfigs()
     if isinstance(value, list):
@@ -804,8 +801,6 @@ def _check_key(key: str) -> None:
         if cls is None:
             return
         if cls is MethodConfigs:
-            from forgetless.methods import REGISTRY
-
             if part not in REGISTRY:
                 close = difflib.get_close_matches(part, list(REGISTRY), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -927,8 +922,6 @@ def reference_markdown() -> str:
     out += ["", "## DatasetSpec", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for key, tp, default, help_ in reference(DatasetSpec):
         out.append(f"| `{key}` | {tp} | `{default.strip()}` | {help_} |")
-    from forgetless.methods import REGISTRY
-
     out += ["", "## Methods", "", "Enable a method with `methods.NAME=true` (defaults) or set its options, e.g.",
             "`methods.lora.r=16`. Methods combine; each is one file under `forgetless/methods/`.", ""]
     for name in sorted(REGISTRY):

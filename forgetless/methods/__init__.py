@@ -7,7 +7,8 @@ module of this package is imported below, so adding a method is adding a file.
 import importlib
 import pkgutil
 
-from forgetless.methods.base import REGISTRY, Context, Method, register
+from forgetless.methods.base import Context, Method
+from forgetless.registry import REGISTRY, check_combination, ordered, register
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name != "base" and not _info.name.startswith("_"):
@@ -16,17 +17,6 @@ for _info in pkgutil.iter_modules(__path__):
 __all__ = ["REGISTRY", "Context", "Method", "register", "build_methods", "check_combination"]
 
 
-def check_combination(configs: dict) -> None:
-    """Raise a ConfigError for methods that cannot run together (declared at registration)."""
-    from forgetless.errors import ConfigError
-
-    for name in sorted(configs):
-        for other, why in REGISTRY[name].incompatible.items():
-            if other in configs:
-                raise ConfigError(f"methods: {name} and {other} cannot be combined: {why}")
-
-
 def build_methods(configs: dict) -> list[Method]:
     """Method objects for ``cfg.methods`` (name -> config dataclass), in wrapping order."""
-    specs = sorted((REGISTRY[name] for name in configs), key=lambda s: (s.order, s.name))
-    return [spec.build(configs[spec.name]) for spec in specs]
+    return [spec.build(configs[spec.name]) for spec in ordered(configs)]

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -106,31 +106,6 @@ class Method:
     def describe(self) -> dict[str, Any]:
         """Facts about the method for the run summary (e.g. which blocks it froze)."""
         return {}
-
-
-@dataclass
-class MethodSpec:
-    name: str
-    config: type  # a documented dataclass
-    build: Callable[[Any], Method]
-    summary: str
-    order: int  # models are wrapped in increasing order (freeze before adapters)
-    incompatible: dict[str, str]  # other method -> why they cannot run together
-
-
-REGISTRY: dict[str, MethodSpec] = {}
-
-
-def register(
-    name: str,
-    config: type,
-    build: Callable[[Any], Method],
-    summary: str,
-    order: int = 50,
-    incompatible: Optional[dict[str, str]] = None,
-) -> None:
-    """Make a method available as ``methods.NAME``; ``order`` sets when it wraps the model."""
-    REGISTRY[name] = MethodSpec(name, config, build, summary, order, dict(incompatible or {}))
 
 
 def trainable_named_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:

@@ -29,7 +29,8 @@ from torch import nn
 
 from forgetless.config import option
 from forgetless.errors import ConfigError, UserError
-from forgetless.methods.base import Context, Method, register
+from forgetless.methods.base import Context, Method
+from forgetless.registry import register, ADAPT, ADAPTER, FREEZES_BASE, STARTS_AT_BASE
 from forgetless.models.adapters import ADAPTER_FILE, AdapterKind, is_peft_model, register_adapter_kind, switched_off
 
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -214,9 +215,12 @@ register(
     BottleneckConfig,
     Bottleneck,
     "Bottleneck adapters (Houlsby / Pfeiffer): small residual MLPs after attention and/or MLP; the base stays frozen.",
-    order=25,
-    incompatible={
-        "freeze": "bottleneck adapters freeze every base weight themselves, so freeze's choice would be silently "
+    phase=ADAPT,
+    provides={
+        ADAPTER: "",
+        FREEZES_BASE: "bottleneck adapters freeze every base weight themselves, so freeze's choice would be silently "
         "overridden; pick blocks with methods.bottleneck.layers",
+        STARTS_AT_BASE: "",
     },
+    prefix="bottleneck_adapter",
 )

@@ -36,7 +36,8 @@ from typing import Optional
 
 from forgetless.config import option
 from forgetless.errors import ConfigError
-from forgetless.methods.base import Context, Method, register
+from forgetless.methods.base import Context, Method
+from forgetless.registry import register, ADAPT, ADAPTER, FREEZES_BASE, KEEPS_BASE
 from forgetless.methods.moe_lora import (
     DEFAULT_TARGETS,
     EXPERTS,
@@ -155,11 +156,11 @@ register(
     ExpansionConfig,
     Expansion,
     "Dynamic expansion: new LoRA experts per task next to the frozen experts of earlier runs; the router picks, no task id.",
-    order=31,
-    incompatible={
-        "freeze": "expansion freezes every base weight itself (only the new experts train)",
-        "lora": "each puts its own adapters on the model, and a run saves one kind of adapter; use one of them",
-        "bottleneck": "each puts its own adapters on the model, and a run saves one kind of adapter; use one of them",
-        "olora": "each puts its own adapters on the model, and a run saves one kind of adapter; use one of them",
+    phase=ADAPT,
+    provides={
+        ADAPTER: "",
+        FREEZES_BASE: "expansion freezes every base weight itself (only the new experts train)",
+        KEEPS_BASE: "",
     },
+    prefix="moe_lora_experts",
 )

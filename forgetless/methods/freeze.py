@@ -21,7 +21,8 @@ import torch
 
 from forgetless.config import DatasetSpec, option
 from forgetless.errors import ConfigError
-from forgetless.methods.base import Context, Method, register
+from forgetless.methods.base import Context, Method
+from forgetless.registry import register, SELECT, SELECTS_WEIGHTS, STARTS_AT_BASE
 
 
 @dataclass
@@ -201,4 +202,5 @@ def block_importance(model, ctx: Context, prefix: str, n_blocks: int, cfg: Freez
     return [t / max(c, 1) for t, c in zip(totals, counts)]
 
 
-register("freeze", FreezeConfig, Freeze, "Partial fine-tuning: train only chosen blocks or modules (by position, name or importance).", order=10)
+register("freeze", FreezeConfig, Freeze, "Partial fine-tuning: train only chosen blocks or modules (by position, name or importance).",
+         phase=SELECT, provides={SELECTS_WEIGHTS: "", STARTS_AT_BASE: ""})

@@ -42,7 +42,8 @@ from forgetless.config import DatasetSpec, option
 from forgetless.data.batching import collate
 from forgetless.data.formats import IGNORE
 from forgetless.errors import ConfigError
-from forgetless.methods.base import Context, Method, register
+from forgetless.methods.base import Context, Method
+from forgetless.registry import register, REGULARIZE, STARTS_AT_BASE
 from forgetless.models.adapters import adapters_disabled, has_adapters, is_peft_model
 
 
@@ -179,5 +180,6 @@ register(
     KLConfig,
     KL,
     "Distillation to the base model (LwF): KL(base ‖ model) on training or general data; no weight copy with adapters.",
-    order=70,
+    phase=REGULARIZE,
+    provides={STARTS_AT_BASE: ""},
 )

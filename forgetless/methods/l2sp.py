@@ -16,7 +16,8 @@ import torch
 
 from forgetless.config import option
 from forgetless.errors import ConfigError
-from forgetless.methods.base import Context, Method, register
+from forgetless.methods.base import Context, Method
+from forgetless.registry import register, REGULARIZE, STARTS_AT_BASE
 from forgetless.methods.ewc import anchored_squares
 from forgetless.methods.fisher import trainable
 
@@ -62,4 +63,5 @@ class L2SP(Method):
         return {"weight": self.cfg.weight, "anchored_params": sum(a.numel() for a in self.anchors)}
 
 
-register("l2sp", L2SPConfig, L2SP, "L2-SP: a squared-distance penalty pulling the weights toward their starting values.", order=61)
+register("l2sp", L2SPConfig, L2SP, "L2-SP: a squared-distance penalty pulling the weights toward their starting values.",
+         phase=REGULARIZE, provides={STARTS_AT_BASE: ""})

@@ -24,7 +24,8 @@ from typing import Literal
 
 from forgetless.config import option
 from forgetless.errors import ConfigError
-from forgetless.methods.base import Context, Method, register
+from forgetless.methods.base import Context, Method
+from forgetless.registry import register, ADAPT, ADAPTER, FREEZES_BASE, STARTS_AT_BASE
 from forgetless.models.adapters import ADAPTER_KINDS, is_peft_model
 
 
@@ -129,11 +130,13 @@ register(
     LoraConfig,
     Lora,
     "LoRA / DoRA / rsLoRA adapters through PEFT: train a low-rank update, keep the base weights frozen.",
-    order=20,
-    incompatible={
-        "freeze": "LoRA freezes every base weight itself (PEFT trains only the adapter), so freeze's choice would be "
+    phase=ADAPT,
+    provides={
+        ADAPTER: "a run saves one kind of adapter, and stacking PEFT and other adapters is not supported; use one, or "
+        "train LoRA, merge it (forgetless merge) and train the other adapters on the merged model",
+        FREEZES_BASE: "LoRA freezes every base weight itself (PEFT trains only the adapter), so freeze's choice would be "
         "silently overridden; pick blocks with methods.lora.layers, or train whole modules with methods.lora.modules_to_save",
-        "bottleneck": "a run saves one kind of adapter, and stacking PEFT and bottleneck adapters is not supported; "
-        "use one, or train LoRA, merge it (forgetless merge) and train bottleneck adapters on the merged model",
+        STARTS_AT_BASE: "",
     },
+    prefix=("lora_", "modules_to_save"),
 )

@@ -26,10 +26,8 @@ from typing import Optional
 from forgetless.config import DatasetSpec, option
 from forgetless.data.batching import Source
 from forgetless.errors import ConfigError
-from forgetless.methods.base import Context, Method, register
-
-
-RESERVED = ("task", "replay", "synthetic_replay")  # the other streams' names in the summary's data.mix
+from forgetless.methods.base import Context, Method
+from forgetless.registry import register, DATA, STARTS_AT_BASE, stream_names
 
 
 @dataclass
@@ -51,7 +49,7 @@ class MixConfig:
         if not self.sources:
             raise ConfigError(f"{where}.sources is empty; name the data to mix in, e.g. {where}.sources.general=demo:general")
         for name, spec in self.sources.items():
-            if name in RESERVED:
+            if name in stream_names():  # the other streams' names in the summary's data.mix
                 raise ConfigError(f"{where}.sources.{name}: the name {name!r} is taken by another stream of the batch; rename the source")
             spec.validate(f"{where}.sources.{name}")
         if bool(self.weights) == (self.ratio is not None):
@@ -113,5 +111,6 @@ register(
     MixConfig,
     Mix,
     "Mix general / pre-training data into every batch at fixed shares (per source, or a total split by temperature sampling).",
-    order=80,
+    phase=DATA,
+    provides={STARTS_AT_BASE: ""},
 )

@@ -43,7 +43,8 @@ from torch import nn
 from forgetless.config import option
 from forgetless.data.batching import count_targets
 from forgetless.errors import ConfigError, UserError
-from forgetless.methods.base import Context, Method, register
+from forgetless.methods.base import Context, Method
+from forgetless.registry import register, ADAPT, ADAPTER, FREEZES_BASE
 from forgetless.models.adapters import ADAPTER_FILE, ADAPTER_KINDS, AdapterKind, is_peft_model, register_adapter_kind, switched_off
 
 KIND = "moe_lora"
@@ -405,18 +406,15 @@ register_adapter_kind(AdapterKind(
     KIND, detect=lambda m: bool(expert_layers(m)), disable=lambda m: switched_off(expert_layers(m).values()), save=_save, load=_load
 ))
 
-_ADAPTERS = "each puts its own adapters on the model, and a run saves one kind of adapter; use one of them"
 register(
     "moe_lora",
     MoELoRAConfig,
     MoELoRA,
     "Mixture of LoRA experts (LoRAMoE / MoLA): a per-token router picks top_k of num_experts LoRAs per layer; base frozen.",
-    order=30,
-    incompatible={
-        "freeze": "moe_lora freezes every base weight itself (only the experts and routers train), so freeze's choice would be silently overridden",
-        "lora": _ADAPTERS,
-        "bottleneck": _ADAPTERS,
-        "expansion": "expansion is moe_lora with frozen earlier experts; enable one of them",
-        "olora": _ADAPTERS,
+    phase=ADAPT,
+    provides={
+        ADAPTER: "",
+        FREEZES_BASE: "moe_lora freezes every base weight itself (only the experts and routers train), so freeze's choice would be silently overridden",
     },
+    prefix="moe_lora_experts",
 )

@@ -41,7 +41,8 @@ from torch import nn
 
 from forgetless.config import option
 from forgetless.errors import ConfigError, UserError
-from forgetless.methods.base import Context, Method, register
+from forgetless.methods.base import Context, Method
+from forgetless.registry import register, ADAPT, ADAPTER, FREEZES_BASE, KEEPS_BASE, STARTS_AT_BASE
 from forgetless.methods.moe_lora import (
     DEFAULT_TARGETS,
     check_lora_options,
@@ -256,10 +257,12 @@ register(
     OLoRAConfig,
     OLoRA,
     "O-LoRA: a new LoRA per task, penalised for overlapping the subspaces of earlier tasks' frozen LoRAs, which stay in the model.",
-    order=32,
-    incompatible={
-        "freeze": "olora freezes every base weight itself (only the new LoRA trains)",
-        "lora": "each puts its own adapters on the model, and a run saves one kind of adapter; use one of them",
-        "bottleneck": "each puts its own adapters on the model, and a run saves one kind of adapter; use one of them",
+    phase=ADAPT,
+    provides={
+        ADAPTER: "",
+        FREEZES_BASE: "olora freezes every base weight itself (only the new LoRA trains)",
+        KEEPS_BASE: "",
+        STARTS_AT_BASE: "",
     },
+    prefix="olora_adapters",
 )

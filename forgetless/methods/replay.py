@@ -38,7 +38,8 @@ from forgetless.data.batching import Source
 from forgetless.data.formats import Example
 from forgetless.data.loading import Record, load_records
 from forgetless.errors import ConfigError, UserError
-from forgetless.methods.base import Context, Method, register
+from forgetless.methods.base import Context, Method
+from forgetless.registry import register, DATA, DATA_STREAM, STARTS_AT_BASE
 
 MEMORY_FILE = "replay_memory.jsonl"
 META = "_replay"
@@ -237,5 +238,6 @@ register(
     ReplayConfig,
     Replay,
     "Experience replay: a memory of old tasks' records (reservoir or per-task quotas) mixed into every batch.",
-    order=81,
+    phase=DATA,
+    provides={DATA_STREAM: "", STARTS_AT_BASE: ""},
 )

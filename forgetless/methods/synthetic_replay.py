@@ -42,7 +42,8 @@ from forgetless.data.formats import IGNORE, Example, detect_format
 from forgetless.data.loading import Record
 from forgetless.errors import ConfigError, UserError
 from forgetless.eval.scoring import stop_token_ids
-from forgetless.methods.base import Context, Method, register
+from forgetless.methods.base import Context, Method
+from forgetless.registry import register, DATA, DATA_STREAM, STARTS_AT_BASE
 from forgetless.methods.replay import load_candidates
 
 SYNTHETIC_FILE = "synthetic_replay.jsonl"
@@ -255,5 +256,6 @@ register(
     SyntheticReplayConfig,
     SyntheticReplay,
     "Self-synthesized replay: the model generates pseudo-examples of its old knowledge before training; they are replayed in every batch.",
-    order=82,
+    phase=DATA,
+    provides={DATA_STREAM: "", STARTS_AT_BASE: ""},
 )
