@@ -35,6 +35,7 @@ import random
 import re
 import shutil
 from array import array
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -42,11 +43,11 @@ from typing import Any, Optional
 import torch
 
 from forgetless.errors import ConfigError, UserError
+from forgetless.files import CHECKPOINTS_DIR, CONFIG_FILE, SUMMARY_FILE, TMP_PREFIX, flatten, fsync_path, write_text_atomic  # noqa: F401  (write_text_atomic: part of this module's API)
 
 FORMAT = "forgetless.checkpoint/1"
-FOLDER = "checkpoints"
+FOLDER = CHECKPOINTS_DIR
 LATEST = "latest"
-TMP_PREFIX = ".tmp-"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 # Config keys a resume may change: they do not change what is trained.
 RESUME_MAY_CHANGE = (
@@ -85,19 +86,11 @@ def fault(point: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
-    _fsync_path(path)
+    fsync_path(path)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -105,19 +98,6 @@ def _write_json(path: Path, obj: Any) -> None:
         json.dump(obj, f, indent=1, default=str)  # e.g. a date in a replayed record's raw fields
         f.flush()
         os.fsync(f.fileno())
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one step: readers see the old file or the new one, never half."""
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if os.name == "posix":
-        _fsync_path(path.parent)
 
 
 def _plain_float(x: float) -> Optional[float]:
@@ -332,9 +312,10 @@ class CheckpointWriter:
     keep_last: int
     base_ids: set[int] = field(default_factory=set)
 
-    def save(self, step: int, model, optimizer, scheduler, methods: list, trainer: dict) -> Path:
-        """Write checkpoint ``step``; a failed write raises a UserError and leaves ``latest`` as it was."""
+    def save(self, model, optimizer, scheduler, methods: list, state: "TrainerState") -> Path:
+        """Write the checkpoint of ``state.step``; a failed write raises a UserError and leaves ``latest`` as it was."""
         acc = self.accelerator
+        step, trainer = state.step, state.to_json()
         main, rank = acc.is_main_process, acc.process_index
         folder = Path(self.run_dir) / FOLDER
         name = step_name(step)
@@ -366,11 +347,11 @@ class CheckpointWriter:
         _write_json(tmp / "methods.json", m_plain)
         scaler = self.accelerator.scaler
         _write_json(tmp / "trainer.json", {
-            "format": FORMAT, "step": step, "processes": self.accelerator.num_processes,
-            "scheduler": scheduler_state(scheduler), "scaler": scaler.state_dict() if scaler is not None else None, **trainer,
+            **trainer, "format": FORMAT, "step": step, "processes": self.accelerator.num_processes,
+            "scheduler": scheduler_state(scheduler), "scaler": scaler.state_dict() if scaler is not None else None,
         })
         if os.name == "posix":
-            _fsync_path(tmp)
+            fsync_path(tmp)
         if final.exists():  # written by an attempt that crashed before updating ``latest``
             _remove(final)
         os.replace(tmp, final)
@@ -469,10 +450,10 @@ class ResumePoint:
 def find_resume_point(run_dir: Path, cfg, processes: int) -> ResumePoint:
     """Check that ``cfg`` continues the run in ``run_dir`` and find its latest checkpoint."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
+    if not (run_dir / CONFIG_FILE).is_file():
         return ResumePoint(message=f"resume: no run in {run_dir} yet; starting from the beginning")
-    check_same_config(run_dir / "config.yaml", cfg)
-    summary = run_dir / "summary.json"
+    check_same_config(run_dir / CONFIG_FILE, cfg)
+    summary = run_dir / SUMMARY_FILE
     if summary.is_file():
         return ResumePoint(finished=json.loads(summary.read_text(encoding="utf-8")), message=f"resume: the run in {run_dir} is finished (summary.json); nothing to do")
     path = latest_checkpoint(run_dir)
@@ -497,7 +478,8 @@ def check_same_config(saved_path: Path, cfg) -> None:
     from forgetless.config import redact_secrets
 
     here = yaml.safe_load(yaml.safe_dump(redact_secrets(to_dict(cfg))))  # config.yaml holds secrets redacted
-    a, b = _flatten(redact_secrets(saved)), _flatten(here)
+    a = flatten(redact_secrets(saved)) if isinstance(saved, dict) else {}
+    b = flatten(here)
     for key in [*b, *(k for k in a if k not in b)]:
         if key in RESUME_MAY_CHANGE or a.get(key, "<unset>") == b.get(key, "<unset>"):
             continue
@@ -507,15 +489,34 @@ def check_same_config(saved_path: Path, cfg) -> None:
         )
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict) or not d:
-        return {prefix: d} if prefix else {}
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
+@dataclass
+class TrainerState:
+    """The step loop's counters: what a checkpoint's ``trainer.json`` holds, saved and loaded whole.
 
+    Everything else a resumed run needs is rebuilt from the config and seed (the data position is
+    the step number) or lives in the checkpoint's other files (weights, optimiser, methods, RNG).
+    """
 
-def trainer_state(**values) -> dict:
-    """The trainer's JSON state, with non-finite floats as null."""
-    return {k: (_plain_float(v) if isinstance(v, float) else v) for k, v in values.items()}
+    total_steps: int
+    global_batch: int
+    data: str  # the training data's fingerprint (data_fingerprint): a resume on other data is refused
+    source_counts: list[int]  # examples drawn from each stream of the batch, for the observed mix
+    step: int = 0  # optimiser steps done
+    tokens_seen: int = 0
+    last_loss: float = float("nan")
+    train_time_s: float = 0.0  # training time of the steps done, over every resume
+    nonfinite_in_a_row: int = 0
+    skipped_steps: int = 0
+    before: dict = field(default_factory=dict)  # the scores before training
+    metrics_bytes: Optional[int] = None  # the length of metrics.jsonl when the checkpoint was written
+
+    def to_json(self) -> dict:
+        """JSON values, non-finite floats as null."""
+        return {k: (_plain_float(v) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TrainerState":
+        values = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        if values.get("last_loss") is None:
+            values["last_loss"] = float("nan")
+        return cls(**values)

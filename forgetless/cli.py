@@ -92,6 +92,7 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
 def cmd_continual(args: argparse.Namespace, compare: bool = False) -> int:
     from forgetless.config import load_config
     from forgetless.recipes.continual import run_sequence
+    from forgetless.report.console import print_sequence_table
 
     config, overrides = _split_config_and_overrides(args.config_and_overrides)
     if args.resume and args.overwrite:
@@ -115,43 +116,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return cmd_continual(args, compare=True)
 
 
-def print_sequence_table(results: dict) -> None:
-    """The comparison table of a task sequence (rows: strategies)."""
-    from rich.table import Table
-
-    from forgetless.progress import console
-
-    num = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
-    general = results["general"]
-    table = Table(title=f"task sequence: {' -> '.join(results['tasks'])}", title_justify="left",
-                  caption="final/incr: mean headline score of all tasks at the end / over tasks seen so far; BWT < 0 and "
-                  "forget > 0: forgotten; " + ("gen: perplexity change on each data.keep probe (negative = worse); " if general else "")
-                  + "* baseline",
-                  caption_justify="left")
-    for col in ("strategy", "final", "incr", "BWT", "FWT", "forget", *(f"gen {g}" for g in general), "train s", "params", "peak MB"):
-        table.add_column(col, no_wrap=True)
-    for name, s in results["strategies"].items():
-        m = s["summary"]
-        table.add_row(
-            name + ("*" if s.get("baseline") else ""),
-            num(m["final_average"]), num(m["average_incremental"]), num(m["bwt"], "{:+.3f}"), num(m["fwt"], "{:+.3f}"),
-            num(m["forgetting"]), *(num(m["general_retention"].get(g), "{:+.1f}") for g in general),
-            num(s["time_s"], "{:.0f}"), _short_count(s["trainable_params"]), num(s["peak_memory_mb"], "{:.0f}"),
-        )
-    console.print(table)
-
-
-def _short_count(n) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(n)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from forgetless.eval.run import evaluate_with_metrics
+    from forgetless.files import EVAL_FILE
     from forgetless.models.loading import resolve_model_dir
 
     data = _named_paths(args.data, "--data")
@@ -169,7 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=True,
     )
     _print_scores(results, metrics, title=f"eval {args.model}")
-    out = Path(args.output) if args.output else (Path(args.model) / "eval.json" if resolve_model_dir(args.model) != args.model else Path("eval.json"))
+    out = Path(args.output) if args.output else (Path(args.model) / EVAL_FILE if resolve_model_dir(args.model) != args.model else Path(EVAL_FILE))
     out.write_text(json.dumps({"model": args.model, "metrics": metrics, "results": results}, indent=2), encoding="utf-8")
     print(f"scores written to {out}")
     return 0
@@ -407,24 +374,6 @@ def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        from datasets.utils.logging import disable_progress_bar
-
-        disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -439,7 +388,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.print_help()
         return 0
     if args.command != "report":  # the report needs no model libraries (their import takes seconds)
-        _quiet_libraries()
+        from forgetless.progress import quiet_libraries
+
+        quiet_libraries()
     try:
         return args.func(args)
     except UserError as e:

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from forgetless.errors import UserError
+from forgetless.files import CONFIG_FILE, INTERPOLATED_DIR, INTERPOLATION_CSV, INTERPOLATION_FILE, MODEL_DIR
 
 
 @dataclass
@@ -141,14 +142,14 @@ def run_interpolation(
     if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
         raise UserError(f"--alphas {list(alphas)}: give values between 0 and 1, e.g. 0,0.25,0.5,0.75,1")
     run_dir = Path(run_or_model)
-    is_run = (run_dir / "config.yaml").is_file() and (run_dir / "model").is_dir()
+    is_run = (run_dir / CONFIG_FILE).is_file() and (run_dir / MODEL_DIR).is_dir()
     ft_dir = resolve_model_dir(run_or_model)
     if not Path(ft_dir).is_dir():
         raise UserError(f"{run_or_model}: not a run or model directory; give a run directory or a fine-tuned model folder")
-    out = Path(output) if output else (run_dir / "interpolated" if is_run else Path(ft_dir).parent / "interpolated")
+    out = Path(output) if output else (run_dir / INTERPOLATED_DIR if is_run else Path(ft_dir).parent / INTERPOLATED_DIR)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it, or choose --output")
-    run_cfg = load_config(run_dir / "config.yaml") if is_run else None
+    run_cfg = load_config(run_dir / CONFIG_FILE) if is_run else None
     if base is not None:
         base_cfg, base_seed = ModelConfig(name_or_path=base), 0
     elif run_cfg is not None:
@@ -186,8 +187,8 @@ def run_interpolation(
         "points": [{"alpha": p.alpha, "scores": p.scores} for p in points],
         "output": str(out),
     }
-    (out / "interpolation.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    with open(out / "interpolation.csv", "w", newline="", encoding="utf-8") as f:
+    (out / INTERPOLATION_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    with open(out / INTERPOLATION_CSV, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["alpha", "set", "role", "loss", "token_accuracy", "exact_match"])
         for p in points:

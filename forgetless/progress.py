@@ -1,14 +1,15 @@
-"""Progress bars (rich) for training and evaluation; silent where asked or off the main process."""
+"""What a command shows while it works: progress bars (rich) for training and evaluation, silent
+where asked or off the main process, and the model libraries kept quiet around them."""
 
 from __future__ import annotations
 
+import os
+import sys
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-import sys
 
 # Tables go to stderr with the bars; when it is not a terminal (a log file, CI), rich would wrap
 # them at 80 columns, so give them room.
@@ -65,3 +66,22 @@ def eval_progress(total: int, description: str, enabled: bool) -> Iterator:
     ) as p:
         task = p.add_task(description, total=total)
         yield lambda n: p.advance(task, n)
+
+
+def quiet_libraries() -> None:
+    """Silence the model libraries' warnings, logs and progress bars: forgetless shows its own."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass

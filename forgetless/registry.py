@@ -35,7 +35,8 @@ ADAPTER = "adapter"  # puts its own adapters on the model; a run saves one kind 
 FREEZES_BASE = "freezes_base"  # freezes every base weight itself
 SELECTS_WEIGHTS = "selects_weights"  # chooses which base weights train
 DATA_STREAM = "data_stream"  # adds a stream named after the method to every batch
-STARTS_AT_BASE = "starts_at_base"  # at step 0 the wrapped model gives the base model's outputs
+STARTS_AT_BASE = "starts_at_base"  # at step 0 the wrapped model gives the outputs of the model the run
+#                                    starts from, and the method's loss terms are zero
 KEEPS_BASE = "keeps_base"  # in a task sequence, every task starts from the base model, with the
 #                            method's earlier state (experts, LoRAs) loaded onto it by the method
 CAPABILITIES = (ADAPTER, FREEZES_BASE, SELECTS_WEIGHTS, DATA_STREAM, STARTS_AT_BASE, KEEPS_BASE)
@@ -95,6 +96,11 @@ REGISTRY = Registry()
 def add_source(load: Callable[[], None]) -> None:
     """Call ``load`` (which registers methods, e.g. by importing their modules) before the registry is first read."""
     REGISTRY._sources.append(load)
+
+
+def load_sources() -> None:
+    """Register the methods of every source now (their modules also register adapter kinds for loading)."""
+    REGISTRY._load()
 
 
 def register(

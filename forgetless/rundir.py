@@ -23,9 +23,10 @@ from rich.table import Table
 
 from forgetless.config import redact_secrets
 from forgetless.errors import UserError
+from forgetless.files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, SUMMARY_MD, VERSIONS_FILE, write_text_atomic
 from forgetless.progress import console
 
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", "versions.json")  # versions.json: written first
+RUN_MARKERS = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, VERSIONS_FILE)  # versions.json: written first
 METRICS = (("loss", "loss", True), ("token_accuracy", "token acc", False), ("exact_match", "exact match", False))
 
 
@@ -67,7 +68,7 @@ def prepare_run_dir(path: Path, overwrite: bool, is_main: bool = True, resume: b
         probe.unlink()
     except OSError as e:
         raise UserError(f"output.dir {path}: cannot write there ({e.strerror}); choose a writable output.dir") from None
-    (path / "versions.json").write_text(json.dumps(environment_versions(), indent=2) + "\n", encoding="utf-8")
+    (path / VERSIONS_FILE).write_text(json.dumps(environment_versions(), indent=2) + "\n", encoding="utf-8")
     return path
 
 
@@ -163,9 +164,7 @@ def write_summary(run_dir: Path, before: dict, after: dict, roles: dict, train_i
     rows = summary_rows(before, after, roles)
     payload = redact_secrets({"sets": rows, "before": before, "after": after, "train": train_info, "data": data_info})
     payload["versions"] = environment_versions()
-    (run_dir / "summary.md").write_text(summary_markdown(rows, train_info), encoding="utf-8")
+    (run_dir / SUMMARY_MD).write_text(summary_markdown(rows, train_info), encoding="utf-8")
     # summary.json marks a finished run (resume and task sequences rely on it): written last, atomically
-    tmp = run_dir / ".tmp-summary.json"
-    tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
-    os.replace(tmp, run_dir / "summary.json")
+    write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(payload, indent=2))
     return rows

@@ -1,4 +1,4 @@
-"""Reading records from files, hub datasets and the shipped demo sets.
+"""Reading records from files, hub datasets and the shipped datasets (``demo:NAME``).
 
 JSONL is parsed here line by line so that a broken line is reported with its number; JSON, CSV
 and Parquet go through ``datasets``; a hub id goes through ``datasets.load_dataset``. Every
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from forgetless.config import DatasetSpec
+from forgetless.data.builtin import builtin_path, is_builtin
 from forgetless.errors import DataError
 
 
@@ -26,10 +27,8 @@ class Record:
 def load_records(spec: DatasetSpec) -> list[Record]:
     """All records of one dataset, in file order (``spec.limit`` applied)."""
     path = spec.path
-    if path.startswith("demo:"):
-        from forgetless.demo.datasets import demo_path
-
-        path = str(demo_path(path[len("demo:"):]))
+    if is_builtin(path):
+        path = str(builtin_path(path))
     p = Path(path)
     suffix = p.suffix.lower()
     if p.is_dir():

@@ -13,7 +13,10 @@ from pathlib import Path
 import yaml
 
 from forgetless.config import load_config
+from forgetless.files import SEQUENCE_CONFIG
 from forgetless.progress import console
+
+RUNS_DIR = "runs"  # OUT/continual/runs: the sequence's output folder
 
 SEQUENCE = {
     "model": {"name_or_path": "tiny", "tiny": {"hidden_size": 256, "intermediate_size": 682, "num_layers": 2}},
@@ -42,8 +45,8 @@ SEQUENCE = {
 
 def run_continual_demo(out: Path, quick: bool = False) -> dict:
     """Run the sequence into ``out`` (a fresh folder); ``quick`` shrinks it to a smoke test."""
-    from forgetless.cli import print_sequence_table
     from forgetless.recipes.continual import run_sequence
+    from forgetless.report.console import print_sequence_table
 
     spec = yaml.safe_load(yaml.safe_dump(SEQUENCE))
     if quick:
@@ -52,10 +55,10 @@ def run_continual_demo(out: Path, quick: bool = False) -> dict:
         for task in spec["tasks"]:
             task["train"]["limit"] = 24
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "sequence.yaml"
+    path = out / SEQUENCE_CONFIG
     header = "# The demo's task sequence; rerun it with: forgetless compare sequence.yaml -o OUT --overwrite\n"
     path.write_text(header + yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
-    cfg = load_config(path, [f"output.dir={out / 'runs'}", "output.overwrite=true"])
+    cfg = load_config(path, [f"output.dir={out / RUNS_DIR}", "output.overwrite=true"])
     console.rule("[bold]4. a sequence of tasks: capitals -> elements -> currencies")
     result = run_sequence(cfg, compare=True)
     print_sequence_table(result.results)

@@ -16,9 +16,6 @@ Both stages are ordinary :func:`forgetless.train` calls; the demo is a short scr
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import shutil
 import time
@@ -26,8 +23,14 @@ from pathlib import Path
 from typing import Optional
 
 from forgetless.config import load_config
+from forgetless.demo.continual import RUNS_DIR, run_continual_demo
 from forgetless.errors import UserError
+from forgetless.files import MODEL_DIR, REPORT_HTML, REPORT_MD, RESULTS_FILE
 from forgetless.progress import console
+from forgetless.report import plots
+from forgetless.report.console import print_table
+from forgetless.report.html import esc, figure, page, table
+from forgetless.report.tables import markdown_table, percent
 
 MODEL_SHAPE = ["model.tiny.hidden_size=256", "model.tiny.intermediate_size=682", "model.tiny.num_layers=2"]
 
@@ -75,6 +78,7 @@ def _common(out: Path, name: str) -> list[str]:
 
 
 PARTS = ("all", "forgetting", "continual")
+BASE_DIR, CONTINUAL_DIR = "base", "continual"  # OUT/base: the base model's run; OUT/continual: part 2
 
 
 def run_demo(out: Path, overwrite: bool = False, strategies: Optional[list[str]] = None, part: str = "all",
@@ -99,7 +103,7 @@ def run_demo(out: Path, overwrite: bool = False, strategies: Optional[list[str]]
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"{out}: already holds files; pass --overwrite to replace the demo, or choose another --output-dir")
-        if not any((out / marker).exists() for marker in ("results.json", "base", "continual")):
+        if not any((out / marker).exists() for marker in (RESULTS_FILE, BASE_DIR, CONTINUAL_DIR)):
             raise UserError(f"{out}: holds files that are not a forgetless demo; refusing to empty it, choose another --output-dir")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +113,7 @@ def run_demo(out: Path, overwrite: bool = False, strategies: Optional[list[str]]
 
     console.rule("[bold]1. the base model learns world capitals (old knowledge)")
     base_cfg = load_config(None, [
-        "model.name_or_path=tiny", *MODEL_SHAPE, *_common(out, "base"),
+        "model.name_or_path=tiny", *MODEL_SHAPE, *_common(out, BASE_DIR),
         "data.train=demo:capitals", "data.eval.capitals=demo:capitals", "data.keep.elements=demo:elements",
         *BASE_TRAINING, "eval.before=false",
     ])
@@ -121,7 +125,7 @@ def run_demo(out: Path, overwrite: bool = False, strategies: Optional[list[str]]
         overrides = STRATEGIES[name]
         console.rule(f"[bold]2. fine-tuning on element symbols (new task): {name}")
         cfg = load_config(None, [
-            f"model.name_or_path={out / 'base' / 'model'}", *_common(out, _slug(name)),
+            f"model.name_or_path={out / BASE_DIR / MODEL_DIR}", *_common(out, _slug(name)),
             "data.train=demo:elements", "data.eval.elements=demo:elements", "data.keep.capitals=demo:capitals",
             *FINETUNING, *overrides,
         ])
@@ -132,26 +136,26 @@ def run_demo(out: Path, overwrite: bool = False, strategies: Optional[list[str]]
         results["strategies"]["wise-ft (interpolated)"] = _wise_ft(out, results["strategies"]["full fine-tuning"])
     results["elapsed_s"] = round(time.perf_counter() - started, 1)
     results["schedule"] = {"base": BASE_TRAINING, "finetune": FINETUNING}
-    (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
     rows = table_rows(results)
-    print_table(rows)
-    (out / "report.md").write_text(report_markdown(rows, results), encoding="utf-8")
-    (out / "report.html").write_text(report_html(rows, results), encoding="utf-8")
-    console.print(f"demo part 1 finished in {results['elapsed_s']:.0f}s; report: {out / 'report.html'} (also report.md, results.json)")
+    print_table([label for _, label, _ in COLUMNS], _cells(rows), title="old task = capitals, new task = element symbols; EM = exact match",
+                caption="forgot = old-task EM points lost by the fine-tuning")
+    (out / REPORT_MD).write_text(report_markdown(rows, results), encoding="utf-8")
+    (out / REPORT_HTML).write_text(report_html(rows, results), encoding="utf-8")
+    console.print(f"demo part 1 finished in {results['elapsed_s']:.0f}s; report: {out / REPORT_HTML} (also {REPORT_MD}, {RESULTS_FILE})")
     if part == "all":
         results["continual"] = _continual(out, quick_continual)["continual"]
-        (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
     return results
 
 
 def _continual(out: Path, quick: bool) -> dict:
-    from forgetless.demo.continual import run_continual_demo
-
     started = time.perf_counter()
-    done = run_continual_demo(out / "continual", quick=quick)
+    done = run_continual_demo(out / CONTINUAL_DIR, quick=quick)
     elapsed = time.perf_counter() - started
-    console.print(f"demo part 2 finished in {elapsed:.0f}s; report: {done['files'].get('html', out / 'continual' / 'runs')}")
-    return {"continual": {"elapsed_s": round(elapsed, 1), "results": str(out / "continual" / "runs" / "results.json"), "files": done["files"]}}
+    runs = out / CONTINUAL_DIR / RUNS_DIR
+    console.print(f"demo part 2 finished in {elapsed:.0f}s; report: {done['files'].get('html', runs)}")
+    return {"continual": {"elapsed_s": round(elapsed, 1), "results": str(runs / RESULTS_FILE), "files": done["files"]}}
 
 
 def _wise_ft(out: Path, full: dict) -> dict:
@@ -191,56 +195,39 @@ def table_rows(results: dict) -> list[dict]:
     return rows
 
 
+# (key of a table row, label, format)
 COLUMNS = [
     ("strategy", "strategy", str),
-    ("old_before", "old EM before", "{:.1%}"),
-    ("old_after", "old EM after", "{:.1%}"),
-    ("forgetting", "forgot", "{:.1%}"),
-    ("new_before", "new EM before", "{:.1%}"),
-    ("new_after", "new EM after", "{:.1%}"),
-    ("old_loss_after", "old loss after", "{:.2f}"),
-    ("train_time_s", "time (s)", "{:.1f}"),
-    ("trainable_params", "trainable params", "{:,}"),
+    ("old_before", "old EM before", percent),
+    ("old_after", "old EM after", percent),
+    ("forgetting", "forgot", percent),
+    ("new_before", "new EM before", percent),
+    ("new_after", "new EM after", percent),
+    ("old_loss_after", "old loss after", "{:.2f}".format),
+    ("train_time_s", "time (s)", "{:.1f}".format),
+    ("trainable_params", "trainable params", "{:,}".format),
 ]
+TITLE = "forgetless demo: catastrophic forgetting, measured"
+BARS = [("old_before", "capitals before", "#9ecae1"), ("old_after", "capitals after", "#3182bd"),
+        ("new_before", "elements before", "#fdae6b"), ("new_after", "elements after", "#e6550d")]
 
 
-def _cell(row: dict, key: str, fmt) -> str:
-    return fmt(row[key]) if callable(fmt) else fmt.format(row[key])
-
-
-def print_table(rows: list[dict]) -> None:
-    from rich.table import Table
-
-    table = Table(
-        title="old task = capitals, new task = element symbols; EM = exact match",
-        title_justify="left",
-        caption="forgot = old-task EM points lost by the fine-tuning",
-        caption_justify="left",
-    )
-    for _, label, _ in COLUMNS:
-        table.add_column(label)
-    for r in rows:
-        table.add_row(*(_cell(r, k, f) for k, _, f in COLUMNS))
-    console.print(table)
+def _cells(rows: list[dict]) -> list[list[str]]:
+    return [[fmt(r[key]) for key, _, fmt in COLUMNS] for r in rows]
 
 
 def report_markdown(rows: list[dict], results: dict) -> str:
+    base = results["base"]
     lines = [
-        "# forgetless demo: catastrophic forgetting, measured",
+        f"# {TITLE}",
         "",
         "A tiny Llama learned the capitals of 178 countries (the old knowledge), then was fine-tuned on",
         "the chemical symbols of 86 elements (the new task). EM = exact match of greedy answers;",
         "old = capitals, new = element symbols; forgot = old-task EM points lost.",
         "",
-        "| " + " | ".join(label for _, label, _ in COLUMNS) + " |",
-        "|" + " --- |" * len(COLUMNS),
-    ]
-    for r in rows:
-        lines.append("| " + " | ".join(_cell(r, k, f) for k, _, f in COLUMNS) + " |")
-    base = results["base"]
-    lines += [
+        *markdown_table([label for _, label, _ in COLUMNS], _cells(rows)),
         "",
-        f"Base model: capitals EM {base['scores']['capitals']['exact_match']:.1%} after "
+        f"Base model: capitals EM {percent(base['scores']['capitals']['exact_match'])} after "
         f"{base['train']['steps']} steps ({base['train']['train_time_s']:.0f}s).",
         f"Whole demo: {results['elapsed_s']:.0f}s. Schedule: {results['schedule']}.",
         "",
@@ -248,47 +235,17 @@ def report_markdown(rows: list[dict], results: dict) -> str:
     return "\n".join(lines)
 
 
-def _bar_chart(rows: list[dict]) -> str:
-    """A PNG bar chart (base64) of old/new EM before and after, per strategy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(rows) + 3), 3.6))
-    width = 0.2
-    for i, (key, label, colour) in enumerate([
-        ("old_before", "capitals before", "#9ecae1"), ("old_after", "capitals after", "#3182bd"),
-        ("new_before", "elements before", "#fdae6b"), ("new_after", "elements after", "#e6550d"),
-    ]):
-        ax.bar([j + (i - 1.5) * width for j in range(len(rows))], [100 * r[key] for r in rows], width, label=label, color=colour)
-    ax.set_xticks(range(len(rows)), [r["strategy"] for r in rows])
-    ax.set_ylabel("exact match (%)")
-    ax.set_ylim(0, 105)
-    ax.legend(ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.15), frameon=False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def report_html(rows: list[dict], results: dict) -> str:
-    head = "".join(f"<th>{html.escape(label)}</th>" for _, label, _ in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, k, f))}</td>" for k, _, f in COLUMNS) + "</tr>" for r in rows)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>forgetless demo</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; color: #222; }}
-table {{ border-collapse: collapse; margin: 1rem 0; }} th, td {{ border: 1px solid #ccc; padding: .3rem .6rem; text-align: right; }}
-th {{ background: #f3f3f3; }} td:first-child {{ text-align: left; }}
-</style></head><body>
-<h1>forgetless demo: catastrophic forgetting, measured</h1>
-<p>A tiny Llama learned the capitals of 178 countries (the old knowledge), then was fine-tuned on the
-chemical symbols of 86 elements (the new task). EM = exact match of greedy answers; old = capitals,
-new = element symbols; forgot = old-task EM points lost. Every number
-comes from this run ({results['elapsed_s']:.0f}s).</p>
-<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-<img alt="exact match before and after fine-tuning" src="data:image/png;base64,{_bar_chart(rows)}">
-</body></html>
-"""
+    head = "".join(f"<th>{esc(label)}</th>" for _, label, _ in COLUMNS)
+    body = ["<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in cells) + "</tr>" for cells in _cells(rows)]
+    bars = plots.grouped_bars([r["strategy"] for r in rows], [(label, [100 * r[key] for r in rows], colour) for key, label, colour in BARS],
+                              ylabel="exact match (%)", ylim=(0, 105), alt="exact match before and after fine-tuning")
+    return page("forgetless demo", [
+        f"<h1>{esc(TITLE)}</h1>",
+        "<p>A tiny Llama learned the capitals of 178 countries (the old knowledge), then was fine-tuned on the chemical "
+        "symbols of 86 elements (the new task). EM = exact match of greedy answers; old = capitals, new = element symbols; "
+        f"forgot = old-task EM points lost. Every number comes from this run ({results['elapsed_s']:.0f}s).</p>",
+        table(head, body),
+        figure(bars, "Exact match on the old task (capitals, blue) and the new one (element symbols, orange), "
+                     "before and after each strategy's fine-tuning."),
+    ])

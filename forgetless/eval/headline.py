@@ -20,12 +20,11 @@ else ``token_accuracy``. Everything here is a pure function of names and result 
 
 from __future__ import annotations
 
-import difflib
 import math
-import os
 from typing import Optional, Sequence
 
-from forgetless.errors import ConfigError, UserError
+from forgetless.config.schema import check_metric  # noqa: F401  (the config validates metric names; eval uses the same check)
+from forgetless.errors import UserError
 
 # metric name -> the key of the result dict that holds its value
 RESULT_KEYS = {
@@ -58,29 +57,6 @@ def higher_is_better(metric: str) -> bool:
     if metric in HIGHER_IS_BETTER:
         return HIGHER_IS_BETTER[metric]
     return is_scoring_function(metric) or metric.split(",")[0] not in HARNESS_LOWER_IS_BETTER
-
-
-def check_metric(metric: str, where: str) -> None:
-    """Raise a ConfigError naming ``where`` unless ``metric`` is a built-in name or ``X:function``."""
-    if metric in RESULT_KEYS:
-        return
-    if is_scoring_function(metric):
-        source, _, function = metric.rpartition(":")
-        example = "e.g. metrics/score.py:accuracy or mypackage.metrics:accuracy"
-        if not source or not function.isidentifier():
-            raise ConfigError(f"{where}: {metric!r} is not FILE.py:FUNCTION or MODULE:FUNCTION ({example})")
-        if source.endswith(".py"):
-            if not os.path.isfile(source):
-                raise ConfigError(f"{where}: scoring file {source} not found; check the path (relative to the YAML file, or to the working directory in a key=value override)")
-        elif not all(part.isidentifier() for part in source.split(".")):
-            raise ConfigError(f"{where}: {source!r} is neither a .py file nor a module name ({example})")
-        return
-    close = difflib.get_close_matches(metric, list(RESULT_KEYS), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(
-        f"{where}: unknown metric {metric!r}{hint}; use one of {', '.join(RESULT_KEYS)}, "
-        f"or a scoring function as FILE.py:FUNCTION or MODULE:FUNCTION"
-    )
 
 
 def default_metric(examples: Sequence, generation: bool) -> str:

@@ -7,6 +7,7 @@ from typing import Optional, Union
 import torch
 
 from forgetless.config import DataConfig, DatasetSpec, ModelConfig
+from forgetless.data.encoding import encode_dataset
 from forgetless.data.formats import EncodeStats, Encoder, Example
 from forgetless.eval.headline import check_metric
 from forgetless.eval.scoring import score_examples
@@ -25,8 +26,6 @@ def load_eval_sets(
     chat_template: Optional[str] = None,
 ) -> dict[str, list[Example]]:
     """Tokenized examples of each named dataset (a path string or a DatasetSpec)."""
-    from forgetless.recipes.finetune import encode_dataset
-
     encoder = Encoder(tokenizer, DataConfig(max_length=max_length, chat_template=chat_template))
     sets = {}
     for name, spec in data.items():

@@ -63,7 +63,8 @@ class EWCConfig:
     )
     gamma: float = option(1.0, "Online EWC: decay of the previous Fisher, F = gamma * F_prev + F_new (with previous_state).")
     previous_state: Optional[str] = option(
-        None, "Online EWC: the ewc_state.safetensors of the previous run of a task sequence (or that run's directory)."
+        None, "Online EWC: the ewc_state.safetensors of the previous run of a task sequence (or that run's directory).",
+        path=True,
     )
 
     def validate(self, where: str) -> None:
@@ -141,9 +142,9 @@ class EWC(Method):
             return
         spec = cfg.data
         if spec is None:
-            if not ctx.cfg.data.keep:
+            if ctx.keep is None:
                 raise ConfigError("methods.ewc.data is not set and there is no data.keep set to compute the Fisher on; set methods.ewc.data=PATH")
-            spec = next(iter(ctx.cfg.data.keep.values()))
+            spec = ctx.keep
         params = trainable(model)
         previous = load_state(cfg.previous_state, params) if cfg.previous_state is not None else None
         examples = ctx.load_dataset(spec)[: cfg.samples]
@@ -181,8 +182,8 @@ class EWC(Method):
         return {"ewc": anchored_squares(self.params, self.anchors, self.weights)}
 
     def after_train(self, model, ctx: Context) -> None:
-        if ctx.run_dir is not None and (ctx.accelerator is None or ctx.accelerator.is_main_process):
-            save_state(ctx.run_dir / STATE_FILE, self.names, self.fisher, self.anchors, {"fisher": self.cfg.fisher, "samples": str(self.samples)})
+        metadata = {"fisher": self.cfg.fisher, "samples": str(self.samples)}
+        ctx.save_artifact(STATE_FILE, lambda path: save_state(path, self.names, self.fisher, self.anchors, metadata))
 
     def state_dict(self) -> dict:
         return {
@@ -196,6 +197,19 @@ class EWC(Method):
         self.anchors = [state[f"anchor.{n}"] for n in self.names]
         self.samples = int(state.get("samples", self.samples))
         self._set_weights()
+
+    @classmethod
+    def next_task(cls, options: EWCConfig, link) -> Optional[EWCConfig]:
+        """Online EWC: the Fisher of the task just learned (or of ``data`` when set, at every task),
+        added to the decayed Fisher of the previous run."""
+        if options.data is None:
+            if not link.previous_train:
+                link.note("ewc: nothing to protect before the second task (set methods.ewc.data to protect general data)")
+                return None
+            options.data = link.previous_train[0]
+        if link.previous is not None and (link.previous / STATE_FILE).is_file():
+            options.previous_state = str(link.previous)
+        return options
 
     def describe(self) -> dict:
         out = {"fisher": self.cfg.fisher, "samples": self.samples, "weight": self.cfg.weight, "normalize": self.cfg.normalize}

@@ -63,6 +63,7 @@ class ExpansionConfig:
         "Run directory of an earlier moe_lora / expansion run (or its model/ folder, a saved moe_lora adapter) "
         "whose experts are kept, frozen. Unset: start from the new experts alone (or from the experts of a "
         "model.name_or_path that is such a run).",
+        path=True,
     )
     new_experts: int = option(1, "Experts added and trained for this task.")
     train_router: bool = option(False, "Also train the earlier experts' router rows (their experts stay frozen).")
@@ -146,6 +147,13 @@ class Expansion(Method):
             names = find_linear_targets(model, cfg.target_modules, f"{WHERE}.target_modules")
             if sorted(names) != sorted(settings["modules"]):
                 raise ConfigError(f"{WHERE}.target_modules must name the earlier experts' layers; leave it unset with previous")
+
+    @classmethod
+    def next_task(cls, options: ExpansionConfig, link) -> ExpansionConfig:
+        """Every task starts from the base model; the previous run's experts are loaded frozen next to new ones."""
+        if link.previous is not None:
+            options.previous = str(link.previous)
+        return options
 
     def describe(self) -> dict:
         return dict(self.facts)

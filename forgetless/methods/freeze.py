@@ -25,6 +25,8 @@ from forgetless.methods.base import Context, Method
 from forgetless.registry import register, SELECT, SELECTS_WEIGHTS, STARTS_AT_BASE
 
 
+IMPORTANCE_FILE = "freeze_importance.json"
+
 @dataclass
 class FreezeConfig:
     """Which parts of the model train; everything else is frozen."""
@@ -33,7 +35,7 @@ class FreezeConfig:
     train_first_n: Optional[int] = option(None, "Train the first N transformer blocks.")
     train_blocks: Optional[str] = option(None, "Train these block indices, e.g. '0-3,7' (ranges inclusive).")
     by_importance: Optional[int] = option(
-        None, "Train the N blocks least important to the importance data (scores saved to freeze_importance.json)."
+        None, f"Train the N blocks least important to the importance data (scores saved to {IMPORTANCE_FILE})."
     )
     importance_data: Optional[DatasetSpec] = option(
         None, "Old-task or general data to score block importance on (default: the first data.keep set)."
@@ -143,10 +145,9 @@ class Freeze(Method):
         return model
 
     def after_train(self, model, ctx: Context) -> None:
-        if self.scores is not None and ctx.run_dir is not None and ctx.accelerator.is_main_process:
-            (ctx.run_dir / "freeze_importance.json").write_text(
-                json.dumps({"metric": self.cfg.importance_metric, "scores": self.scores, "trained_blocks": self.trained_blocks}, indent=2)
-            )
+        if self.scores is not None:
+            record = {"metric": self.cfg.importance_metric, "scores": self.scores, "trained_blocks": self.trained_blocks}
+            ctx.save_artifact(IMPORTANCE_FILE, lambda path: path.write_text(json.dumps(record, indent=2)))
 
     def state_dict(self) -> dict:
         return {"scores": self.scores, "trained_blocks": self.trained_blocks}
@@ -170,9 +171,9 @@ def block_importance(model, ctx: Context, prefix: str, n_blocks: int, cfg: Freez
 
     spec = cfg.importance_data
     if spec is None:
-        if not ctx.cfg.data.keep:
+        if ctx.keep is None:
             raise ConfigError("methods.freeze.by_importance needs importance_data, or a data.keep set to score blocks on")
-        spec = next(iter(ctx.cfg.data.keep.values()))
+        spec = ctx.keep
     examples = ctx.load_dataset(spec)[: cfg.importance_samples]
     params = {n: p for n, p in model.named_parameters() if block_of(n, prefix) is not None}
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}

@@ -14,18 +14,19 @@ The teacher costs no copy of the weights when the model carries adapters (PEFT L
 bottleneck adapters): it is the same model inside ``adapters_disabled`` (TRL's reference-model
 trick). Otherwise it is a frozen deep copy made in ``before_train``.
 
-Which positions and data (the general form; with the defaults it is exactly the sum above)::
+Which positions and data::
 
-    kl = weight · T² · n_targets(train micro-batch) · mean_{i ∈ P} KL_i
-
-- ``data: train`` (default): P = positions of the training micro-batch; the student logits are
-  the recipe's own (no extra student forward).
-- ``data: <dataset>``: P = positions of a micro-batch of that data (``train.micro_batch_size``
-  examples, in a seeded random order, cycling), with its own student and teacher forward. Scaling
-  its mean by the train micro-batch's target count gives it the same scale as the train case: after
-  the recipe's normalisation the term is the (target-weighted) mean KL per token of the data.
+- ``data: train`` (default): the sum above over the positions of the training micro-batch; the
+  student logits are the recipe's own (no extra student forward).
+- ``data: <dataset>`` (old-task or general data): the recipe draws a global batch of that data
+  every step, like the training batch (seeded, cycling, sharded over processes and grouped into
+  micro-batches by length the same way, so 1 process and N processes see the same data at every
+  step), runs the student on it, and the term is the mean over all its selected positions of
+  the step: ``kl = weight · T² · mean_{i ∈ P} KL_i``, the same per-token scale as the train case.
 - ``positions: targets`` (default): positions whose next token is a target; ``all``: every
-  position whose next token is not padding (prompts and general text included).
+  position whose next token is not padding (prompts and general text included); on the
+  training batch its mean is taken at the scale of the target tokens
+  (``· n_targets / n_selected``), so both choices weigh the same against the LM loss.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from forgetless.config import DatasetSpec, option
-from forgetless.data.batching import collate
+from forgetless.data.batching import count_targets
 from forgetless.data.formats import IGNORE
 from forgetless.errors import ConfigError
 from forgetless.methods.base import Context, Method
@@ -96,79 +97,65 @@ class KL(Method):
     def __init__(self, cfg: KLConfig):
         self.cfg = cfg
         self.teacher = None  # the frozen copy; stays None when adapters give the base outputs
-        self.general: list = []
-        self.order: list[int] = []
-        self.cursor = 0  # micro-batches of KL data drawn so far (the same count on every process)
+        self.autocast = nullcontext
+        self.paired = not uses_train_batch(cfg.data)
+
+    def paired_data(self, ctx: Context) -> Optional[list]:
+        # The recipe draws a global batch of it every step, sharded and micro-batched like its own.
+        return ctx.load_dataset(self.cfg.data) if self.paired else None
 
     def before_train(self, model, ctx: Context) -> None:
-        self.pad_id = ctx.tokenizer.pad_token_id
-        self.accelerator = ctx.accelerator
+        self.autocast = ctx.autocast
         if not (has_adapters(model) and _base_is_frozen(model)):
             self.teacher = copy.deepcopy(model).eval().requires_grad_(False).to(ctx.device)
-        if not uses_train_batch(self.cfg.data):
-            self.general = ctx.load_dataset(self.cfg.data)
-            g = torch.Generator().manual_seed(ctx.seed)
-            self.order = torch.randperm(len(self.general), generator=g).tolist()
-            self.micro, self.accum = ctx.cfg.train.micro_batch_size, ctx.cfg.train.grad_accum_steps
-            acc = ctx.accelerator
-            self.rank, self.world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
 
     @torch.no_grad()
     def teacher_logits(self, model, input_ids, attention_mask) -> torch.Tensor:
-        autocast = self.accelerator.autocast() if self.accelerator is not None else nullcontext()
         if self.teacher is not None:
-            with autocast:
+            with self.autocast():
                 return self.teacher(input_ids=input_ids, attention_mask=attention_mask).logits
         was_training = model.training
         model.eval()
         try:
-            with adapters_disabled(model), autocast:
+            with adapters_disabled(model), self.autocast():
                 return model(input_ids=input_ids, attention_mask=attention_mask).logits
         finally:
             model.train(was_training)
 
-    def _general_batch(self, device) -> dict[str, torch.Tensor]:
-        """This process's next micro-batch of the KL data.
+    def _selected(self, batch) -> torch.Tensor:
+        if self.cfg.positions == "targets":
+            return batch["labels"][:, 1:] != IGNORE
+        return batch["attention_mask"][:, 1:] == 1
 
-        Chunks are numbered like the micro-batches of the global batch (process ``r`` holds its
-        ``r``-th contiguous share), so N processes pair the same KL chunk with the same training
-        micro-batch as one process with N times the accumulation steps.
-        """
-        n = len(self.general)
-        step, j = divmod(self.cursor, self.accum)
-        start = (step * self.world * self.accum + self.rank * self.accum + j) * self.micro
-        self.cursor += 1
-        picked = [self.general[self.order[(start + k) % n]] for k in range(self.micro)]
-        return {k: v.to(device) for k, v in collate(picked, self.pad_id).items()}
+    def _kl(self, model, batch, logits, select) -> torch.Tensor:
+        teacher = self.teacher_logits(model, batch["input_ids"], batch["attention_mask"])
+        return kl_sum(logits[:, :-1][select], teacher[:, :-1][select], self.cfg.temperature)
 
     def batch_terms(self, model, batch, logits):
-        n_targets = int((batch["labels"][:, 1:] != IGNORE).sum())
-        if self.general:
-            batch = self._general_batch(logits.device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        if self.cfg.positions == "targets":
-            select = batch["labels"][:, 1:] != IGNORE
-        else:
-            select = batch["attention_mask"][:, 1:] == 1
+        if self.paired:
+            return {}
+        select = self._selected(batch)
         n_selected = int(select.sum())
         if n_selected == 0:
             return {"kl": logits.sum() * 0.0}
-        teacher = self.teacher_logits(model, batch["input_ids"], batch["attention_mask"])
-        total = kl_sum(logits[:, :-1][select], teacher[:, :-1][select], self.cfg.temperature)
-        if self.general or self.cfg.positions == "all":
-            total = total * (n_targets / n_selected)
+        total = self._kl(model, batch, logits, select)
+        if self.cfg.positions == "all":  # a mean over all positions, at the scale of the LM loss's target tokens
+            total = total * (count_targets(batch["labels"]) / n_selected)
         return {"kl": self.cfg.weight * total}
 
-    def state_dict(self) -> dict:
-        return {"cursor": self.cursor}
+    def paired_count(self, batch) -> int:
+        return int(self._selected(batch).sum())
 
-    def load_state_dict(self, state: dict) -> None:
-        self.cursor = int(state.get("cursor", 0))
+    def paired_terms(self, model, batch, logits):
+        select = self._selected(batch)
+        if not bool(select.any()):
+            return {"kl": logits.sum() * 0.0}
+        return {"kl": self.cfg.weight * self._kl(model, batch, logits, select)}
 
     def describe(self) -> dict:
         return {
             "teacher": "frozen copy" if self.teacher is not None else "adapters disabled (no copy)",
-            "data": "train" if uses_train_batch(self.cfg.data) else self.cfg.data.path,
+            "data": self.cfg.data.path if self.paired else "train",
             "positions": self.cfg.positions,
             "temperature": self.cfg.temperature,
             "weight": self.cfg.weight,

@@ -67,6 +67,7 @@ class OLoRAConfig:
         factory=list,
         help="Run directories (or their model/ folders) of earlier olora runs; their LoRAs are loaded frozen and "
         "stay in the model. A run's folder already holds the LoRAs of its own previous runs.",
+        path=True,
     )
     r: int = option(8, "Rank of the new LoRA.")
     alpha: float = option(16.0, "Scaling numerator: the new LoRA's update is scaled by alpha / r.")
@@ -242,6 +243,14 @@ class OLoRA(Method):
         if self.cfg.l2_weight:
             out["olora_l2"] = self.cfg.l2_weight * sum(layer.A[-1].pow(2).sum() + layer.B[-1].pow(2).sum() for layer in self.layers)
         return out
+
+    @classmethod
+    def next_task(cls, options: OLoRAConfig, link) -> OLoRAConfig:
+        """Every task starts from the base model; the previous run's LoRAs (its own and its
+        predecessors') are loaded frozen, and a new one is trained for the task."""
+        if link.previous is not None:
+            options.previous = [str(link.previous)]
+        return options
 
     def describe(self) -> dict:
         if self.layers and len(self.layers[0].A) > 1:

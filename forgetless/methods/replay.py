@@ -213,12 +213,27 @@ class Replay(Method):
         self.seen, self.candidates = int(state["seen"]), int(state["candidates"])
 
     def after_train(self, model, ctx: Context) -> None:
-        if ctx.run_dir is None or (ctx.accelerator is not None and not ctx.accelerator.is_main_process):
-            return
-        with open(ctx.run_dir / MEMORY_FILE, "w", encoding="utf-8") as f:
-            for c in self.memory:
-                meta = {"task": c.task, "where": c.where, "format": c.format, "seen": self.seen, "key": c.key}
-                f.write(json.dumps({**c.record, META: meta}, ensure_ascii=False) + "\n")
+        def write(path: Path) -> None:
+            with open(path, "w", encoding="utf-8") as f:
+                for c in self.memory:
+                    meta = {"task": c.task, "where": c.where, "format": c.format, "seen": self.seen, "key": c.key}
+                    f.write(json.dumps({**c.record, META: meta}, ensure_ascii=False) + "\n")
+
+        ctx.save_artifact(MEMORY_FILE, write)
+
+    @classmethod
+    def next_task(cls, options: ReplayConfig, link) -> Optional[ReplayConfig]:
+        """The memory grows: the previous run's memory plus the previous task's data are the candidates,
+        so reservoir sampling keeps one uniform sample of every earlier task."""
+        saved = link.previous / MEMORY_FILE if link.previous is not None else None
+        if saved is not None and saved.is_file():
+            options.previous = DatasetSpec(path=str(saved))
+            options.memory = []  # the user's own memory sets entered the stream with the first replay run
+        options.memory = [*options.memory, *link.previous_train]
+        if not options.memory and options.previous is None:
+            link.note("replay: nothing to replay before the second task")
+            return None
+        return options
 
     def describe(self) -> dict:
         per: dict[str, int] = {}

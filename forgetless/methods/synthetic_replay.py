@@ -220,12 +220,13 @@ class SyntheticReplay(Method):
         return [Source("synthetic_replay", [s.example for s in self.kept], self.cfg.ratio)]
 
     def after_train(self, model, ctx: Context) -> None:
-        if ctx.run_dir is None or (ctx.accelerator is not None and not ctx.accelerator.is_main_process):
-            return
-        with open(ctx.run_dir / SYNTHETIC_FILE, "w", encoding="utf-8") as f:
-            for s in self.kept:
-                meta = {"origin": s.origin, "new_tokens": s.new_tokens, "finished": s.finished, "perplexity": round(s.perplexity, 4)}
-                f.write(json.dumps({**s.record, "_synthetic": meta}, ensure_ascii=False) + "\n")
+        def write(path) -> None:
+            with open(path, "w", encoding="utf-8") as f:
+                for s in self.kept:
+                    meta = {"origin": s.origin, "new_tokens": s.new_tokens, "finished": s.finished, "perplexity": round(s.perplexity, 4)}
+                    f.write(json.dumps({**s.record, "_synthetic": meta}, ensure_ascii=False) + "\n")
+
+        ctx.save_artifact(SYNTHETIC_FILE, write)
 
     def state_dict(self) -> dict:
         kept = [{"record": s.record, "origin": s.origin, "new_tokens": s.new_tokens, "finished": s.finished,

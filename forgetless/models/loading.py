@@ -15,6 +15,7 @@ import torch
 
 from forgetless.config import ModelConfig
 from forgetless.errors import UserError
+from forgetless.files import CONFIG_FILE, MODEL_DIR
 from forgetless.models.adapters import ADAPTER_FILE
 
 _REFUSED_PICKLE = (
@@ -27,8 +28,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def resolve_model_dir(name_or_path: str) -> str:
     """A run directory points at its ``model/`` folder; anything else is returned unchanged."""
     p = Path(name_or_path)
-    if (p / "model").is_dir() and (p / "config.yaml").is_file():
-        return str(p / "model")
+    if (p / MODEL_DIR).is_dir() and (p / CONFIG_FILE).is_file():
+        return str(p / MODEL_DIR)
     return name_or_path
 
 
@@ -145,8 +146,10 @@ def _load_forgetless_adapter(path: Path, cfg: ModelConfig):
     """Load an adapter kind of forgetless's own (see forgetless.models.adapters) onto its base."""
     import json
 
-    import forgetless.methods  # noqa: F401  (registers the adapter kinds)
     from forgetless.models.adapters import ADAPTER_KINDS
+    from forgetless.registry import load_sources
+
+    load_sources()  # the methods' modules register their adapter kinds
 
     meta = json.loads((path / ADAPTER_FILE).read_text(encoding="utf-8"))
     kind = ADAPTER_KINDS.get(meta.get("kind"))

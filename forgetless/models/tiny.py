@@ -6,7 +6,7 @@ config before pointing it at a real model. It is a real ``LlamaForCausalLM`` and
 paths (loading, chat rendering, saving, PEFT) as a hub model.
 
 The tokenizer is trained once with the ``tokenizers`` library on the text shipped in
-``forgetless/demo/data`` and stored in ``tiny_tokenizer/``; :func:`train_tokenizer` rebuilds it
+``forgetless/data/shipped`` and stored in ``tiny_tokenizer/``; :func:`train_tokenizer` rebuilds it
 (``python -m forgetless.models.tiny``).
 """
 
@@ -32,10 +32,10 @@ CHATML_TEMPLATE = (
 
 
 def train_tokenizer(out_dir: Path = TOKENIZER_DIR) -> PreTrainedTokenizerFast:
-    """Train the byte-level BPE tokenizer on the shipped demo text and save it to ``out_dir``."""
+    """Train the byte-level BPE tokenizer on the shipped datasets' text and save it to ``out_dir``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from forgetless.demo.datasets import corpus_text
+    from forgetless.data.builtin import corpus_text
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

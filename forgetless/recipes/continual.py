@@ -15,18 +15,13 @@ After each task every task's evaluation data (seen or not yet seen) and every ``
 (general probes) are scored, so row ``t`` of the accuracy matrix ``R[t][k]`` is the headline score of
 task ``k`` after task ``t``; row 0 is the model before any training.
 
-Method state is carried from task to task through the previous run directory, using each
-method's own chaining options:
-
-- replay: the memory grows. Task t's candidates are the previous memory (``previous``) and task
-  t-1's training data, so reservoir sampling keeps one uniform sample of all earlier tasks.
-- ewc: online EWC. The Fisher is computed on task t-1's training data (from the second task on), or
-  at every task on ``ewc.data`` when it is set (e.g. general data), and added to the decayed Fisher
-  of the previous run (``previous_state``).
-- expansion / olora: the model stays the base model; the previous run's experts / LoRAs are loaded
-  frozen (``previous``) and a new one is trained for the task.
-- kl, l2sp: the teacher / anchor is the model as it was before the current task (what each run
-  starts from); lora merges the previous task's adapter into the weights and learns a new one.
+Each task starts from the model the previous task ended with (methods that declare
+``KEEPS_BASE``, e.g. expansion and olora, start every task from the base model and load their
+earlier experts themselves). Method state is carried by the methods: each one's
+``Method.next_task(options, link)`` says what the next task's run takes from the previous run
+directory (replay grows its memory, online EWC adds the new Fisher to the decayed old one,
+expansion / olora load the earlier experts / LoRAs; see each method's file). The recipe names no
+method.
 
 Baselines (``continual.baselines``): ``sequential`` is plain full fine-tuning on the same sequence;
 ``joint`` trains once on the union of all tasks' data with the summed step budget of the sequence.
@@ -38,6 +33,8 @@ skips it and resumes the unfinished one from its checkpoint.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import importlib
 import json
 import math
 import os
@@ -66,13 +63,14 @@ from forgetless.config import (
 from forgetless.checkpoint import check_same_config
 from forgetless.errors import ConfigError, UserError
 from forgetless.eval import metrics as M
+from forgetless.files import CONFIG_FILE, RESULTS_FILE, STRATEGY_CONFIG, STRATEGY_FILE, SUMMARY_FILE, write_text_atomic
 from forgetless.eval.headline import higher_is_better
+from forgetless.methods import REGISTRY, TaskLink
+from forgetless.registry import KEEPS_BASE, ordered
 from forgetless.report import write_report
 from forgetless.report.tables import strategy_metrics
 from forgetless.rundir import prepare_run_dir
 
-STRATEGY_FILE = "strategy.json"
-RESULTS_FILE = "results.json"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,36 +116,17 @@ def task_run_config(scfg: RunConfig, t: int, out: Path, previous: Optional[Path]
     c.eval.before = t == 1  # later rows' "before" is the previous task's "after"
     c.output.dir = str(out / task_dir_name(t, task.name))
     c.output.save_model = True  # the next task starts from it
-    notes: list[str] = []
-    chained = {"expansion", "olora"}  # they load the previous experts onto the base model themselves
-    if previous is not None and not (set(c.methods) & chained):
+    # Each method says what the next task's run takes from the previous run (Method.next_task).
+    link = TaskLink(t, previous, copy.deepcopy(tasks[t - 2].train) if t >= 2 else [])
+    if previous is not None and not any(REGISTRY[name].has(KEEPS_BASE) for name in c.methods):
         c.model.name_or_path = str(previous)
-    m = c.methods
-    if "replay" in m:
-        r = m["replay"]
-        if previous is not None and (previous / "replay_memory.jsonl").is_file():
-            r.previous = DatasetSpec(path=str(previous / "replay_memory.jsonl"))
-            r.memory = []  # the user's own memory sets entered the stream with the first replay run
-        if t >= 2:
-            r.memory = [*r.memory, *copy.deepcopy(tasks[t - 2].train)]
-        if not r.memory and r.previous is None:
-            del m["replay"]
-            notes.append("replay: nothing to replay before the second task")
-    if "ewc" in m:
-        e = m["ewc"]
-        if e.data is None:  # unset: the Fisher of the task just learned (none before the first task)
-            if t == 1:
-                del m["ewc"]
-                notes.append("ewc: nothing to protect before the second task (set methods.ewc.data to protect general data)")
-            else:
-                e.data = copy.deepcopy(tasks[t - 2].train[0])
-        if "ewc" in m and previous is not None and (previous / "ewc_state.safetensors").is_file():
-            e.previous_state = str(previous)
-    if previous is not None:
-        if "expansion" in m:
-            m["expansion"].previous = str(previous)
-        if "olora" in m:
-            m["olora"].previous = [str(previous)]
+    for spec in ordered(list(c.methods)):
+        options = spec.build.next_task(c.methods[spec.name], dataclasses.replace(link, previous_train=copy.deepcopy(link.previous_train)))
+        if options is None:
+            del c.methods[spec.name]
+        else:
+            c.methods[spec.name] = options
+    notes = link.notes
     return c, notes
 
 
@@ -229,7 +208,7 @@ class PeakMemory:
 
 
 def _finished(run_dir: Path) -> Optional[dict]:
-    path = run_dir / "summary.json"
+    path = run_dir / SUMMARY_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
@@ -310,7 +289,7 @@ def run_strategy(scfg: RunConfig, name: str, out: Path, baseline: Optional[str] 
     result["metrics"] = metrics
     directions = [higher_is_better(metrics[task.name]) for task in tasks]
     result["summary"] = summarize_strategy(result, directions, list(scfg.data.keep))
-    (sdir / STRATEGY_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    write_text_atomic(sdir / STRATEGY_FILE, json.dumps(result, indent=2))
     return result
 
 
@@ -364,11 +343,11 @@ def run_sequence(cfg: RunConfig, compare: bool = False, resume: bool = False) ->
     """Run every strategy (and baseline) on the task sequence; write results.json and the report."""
     todo = plan(cfg, compare)
     out = Path(cfg.output.dir)
-    if resume and (out / "config.yaml").is_file():
-        check_same_config(out / "config.yaml", cfg)
+    if resume and (out / CONFIG_FILE).is_file():
+        check_same_config(out / CONFIG_FILE, cfg)
     else:
         prepare_run_dir(out, cfg.output.overwrite)
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, out / CONFIG_FILE)
     results = {
         "kind": "compare" if compare else "continual",
         "forgetless_version": _version(),
@@ -389,7 +368,7 @@ def run_sequence(cfg: RunConfig, compare: bool = False, resume: bool = False) ->
         if "metrics" not in results:  # each task's metric as the scorer resolved it (the same in every strategy)
             results["metrics"] = strategy["metrics"]
             results["higher_is_better"] = {k: higher_is_better(v) for k, v in strategy["metrics"].items()}
-        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
+        write_text_atomic(out / RESULTS_FILE, json.dumps(results, indent=2))
     files = write_report(out)  # report.html, results.csv, summary.md from results.json
     return SequenceResult(out, results, files)
 
@@ -398,9 +377,12 @@ def _run_isolated(scfg: RunConfig, name: str, out: Path, baseline: Optional[str]
     """Run one strategy in a child process (its own peak memory; a crash stays its own)."""
     sdir = out / name
     sdir.mkdir(parents=True, exist_ok=True)
-    save_config(scfg, sdir / "strategy.yaml")  # for the user to read (secrets redacted)
+    save_config(scfg, sdir / STRATEGY_CONFIG)  # for the user to read (secrets redacted)
     # The child gets the config itself on stdin, so no secret it may hold is written anywhere.
     cmd = [sys.executable, "-m", "forgetless.recipes.continual", "-", str(out), name]
+    for module in sorted({REGISTRY[m].build.__module__ for m in scfg.methods} - {None}):
+        if not module.startswith("forgetless."):  # a method registered outside the package: the child imports it too
+            cmd += ["--import", module]
     if baseline:
         cmd += ["--baseline", baseline]
     if resume:
@@ -421,7 +403,7 @@ def _child(argv: list[str]) -> int:
     """Entry point of an isolated strategy: CONFIG OUT NAME [--baseline B] [--resume]."""
     import argparse
 
-    from forgetless.cli import _quiet_libraries
+    from forgetless.progress import quiet_libraries
 
     p = argparse.ArgumentParser()
     p.add_argument("config")
@@ -429,9 +411,12 @@ def _child(argv: list[str]) -> int:
     p.add_argument("name")
     p.add_argument("--baseline")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--import", dest="imports", action="append", default=[], help="a module that registers methods when imported")
     args = p.parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     try:
+        for module in args.imports:
+            importlib.import_module(module)
         cfg = config_from_dict(yaml.safe_load(sys.stdin.read())) if args.config == "-" else load_config(args.config)
         run_strategy(cfg, args.name, Path(args.out), args.baseline, args.resume)
     except UserError as e:

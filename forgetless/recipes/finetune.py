@@ -23,16 +23,19 @@ import json
 import math
 import os
 import time
+import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from forgetless.checkpoint import (
+    Checkpoint,
     CheckpointWriter,
     ResumePoint,
+    TrainerState,
     data_fingerprint,
     fault,
     find_resume_point,
@@ -42,20 +45,23 @@ from forgetless.checkpoint import (
     restore_optimizer,
     restore_rng,
     restore_scheduler,
-    trainer_state,
 )
 from forgetless.config import RunConfig, redact_secrets, save_config, to_dict
 from forgetless.data.batching import MixedBatches, Source, count_targets, micro_batches, shard
+from forgetless.data.encoding import encode_dataset
 from forgetless.data.formats import EncodeStats, Encoder, Example
-from forgetless.data.loading import load_records
 from forgetless.errors import ConfigError, UserError
+from forgetless.files import CONFIG_FILE, METRICS_FILE, MODEL_DIR, flatten, write_atomic
 from forgetless.eval.sets import EvalSet, evaluate_sets, harness_sets, make_eval_set
 from forgetless.loss import token_cross_entropy
-from forgetless.methods import Context, build_methods
+from forgetless.methods import Context, Method, build_methods
 from forgetless.models import load_model, load_tokenizer
 from forgetless.models.saving import save_model
 from forgetless.progress import TrainProgress, console
+from forgetless.registry import REGISTRY, TASK_STREAM
 from forgetless.rundir import check_run_dir, prepare_run_dir, write_summary
+
+__all__ = ["RunResult", "train", "encode_dataset", "prepare_data", "forward_backward"]
 
 
 @dataclass
@@ -70,25 +76,6 @@ class RunResult:
     data: dict[str, Any]
     model: Any = field(repr=False, default=None)
     tokenizer: Any = field(repr=False, default=None)
-
-
-def encode_dataset(encoder: Encoder, specs) -> tuple[list[Example], EncodeStats]:
-    """Load and tokenize one or several datasets (concatenated)."""
-    examples: list[Example] = []
-    total = EncodeStats()
-    for spec in specs:
-        exs, stats = encoder.encode_all(load_records(spec), spec.format)
-        if not exs:
-            raise UserError(
-                f"{spec.path}: no usable records after tokenization ({stats.dropped_too_long} too long, "
-                f"{stats.dropped_no_target} with no target tokens); raise data.max_length or check the data"
-            )
-        examples += exs
-        for k in ("records", "kept", "truncated", "dropped_too_long", "dropped_no_target"):
-            setattr(total, k, getattr(total, k) + getattr(stats, k))
-        for fmt, n in stats.formats.items():
-            total.formats[fmt] = total.formats.get(fmt, 0) + n
-    return examples, total
 
 
 def prepare_data(cfg: RunConfig, tokenizer) -> tuple[list[Example], EncodeStats, list[EvalSet]]:
@@ -197,18 +184,80 @@ def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResul
 
     hf_logging.disable_progress_bar()  # our own bars replace the per-shard ones of save/load
     set_seed(cfg.train.seed)
-    main = accelerator.is_main_process
-    t, out = cfg.train, cfg.output
-    world = accelerator.num_processes
-
     # A resumed run first reads where it stands, so a finished run or a changed config costs nothing.
-    point = find_resume_point(Path(out.dir), cfg, world) if out.resume else ResumePoint()
-    if point.message and main:
+    point = find_resume_point(Path(cfg.output.dir), cfg, accelerator.num_processes) if cfg.output.resume else ResumePoint()
+    if point.message and accelerator.is_main_process:
         console.print(point.message)
     if point.finished is not None:
-        return _finished_result(Path(out.dir), point.finished)
-    ckpt = point.checkpoint
+        return _finished_result(Path(cfg.output.dir), point.finished)
+    run = _setup(cfg, accelerator, trackers, point.checkpoint)
+    _train_steps(run)
+    return _finish(run)
 
+
+# ------------------------------------------------------------------------------------------------
+# Setup: everything the step loop needs, in the order that keeps runs reproducible
+# ------------------------------------------------------------------------------------------------
+
+
+class RunLog:
+    """metrics.jsonl (main process) and the experiment trackers."""
+
+    def __init__(self, path: Optional[Path], accelerator, trackers: list[str], keep_bytes: Optional[int]):
+        self.accelerator, self.trackers = accelerator, trackers
+        self.file = open(path, "a", encoding="utf-8") if path is not None else None
+        if self.file:
+            # A resumed run's metrics go on from the checkpoint: what was logged after it is logged again.
+            self.file.truncate(min(keep_bytes, self.file.tell()) if keep_bytes is not None else 0)
+
+    def __call__(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.trackers:
+            numbers = {k: v for k, v in flatten(record, sep="/").items() if isinstance(v, (int, float)) and k != "step"}
+            self.accelerator.log(numbers, step=record["step"])
+
+    def sync(self) -> Optional[int]:
+        """Flush to disk (a checkpoint must not promise records the disk lost); the file's length."""
+        if not self.file:
+            return None
+        os.fsync(self.file.fileno())
+        return self.file.tell()
+
+    def close(self) -> None:
+        if self.file and not self.file.closed:
+            self.file.close()
+
+
+@dataclass
+class Run:
+    """The live objects of one run: built by ``_setup``, driven by ``_train_steps``, closed by ``_finish``."""
+
+    cfg: RunConfig
+    accelerator: Any
+    tokenizer: Any
+    model: Any  # prepared by accelerate (DDP-wrapped with several processes)
+    optimizer: Any
+    scheduler: Any
+    methods: list[Method]
+    ctx: Context
+    sources: list[Source]  # the task first, then the streams methods mix in
+    batches: MixedBatches
+    paired: list[tuple[Method, MixedBatches]]  # methods' own data, drawn every step like the batch
+    eval_sets: list[EvalSet]
+    train_stats: EncodeStats
+    state: TrainerState
+    writer: CheckpointWriter
+    log: RunLog
+    run_dir: Path
+    trainable: int
+    total_params: int
+
+
+def _setup(cfg: RunConfig, accelerator, trackers: list[str], ckpt: Optional[Checkpoint]) -> Run:
+    t, out = cfg.train, cfg.output
+    main, world = accelerator.is_main_process, accelerator.num_processes
     # Everything that can fail on user input happens before the run directory is touched.
     tokenizer = load_tokenizer(cfg.model)
     train_examples, train_stats, eval_sets = prepare_data(cfg, tokenizer)
@@ -220,17 +269,18 @@ def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResul
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base_ids = {id(p) for p in model.parameters()}  # what methods add (adapters, experts) is saved in checkpoints
     methods = build_methods(cfg.methods)
-    ctx = Context(cfg, tokenizer, Encoder(tokenizer, cfg.data), accelerator, None, train_examples, t.seed,
-                  resume_state=ckpt.methods if ckpt else None)
+    ctx = Context.build(cfg, tokenizer, accelerator, None, train_examples, t.seed, resume_state=ckpt.methods if ckpt else None)
     for m in methods:
-        model = m.wrap_model(model, ctx)
-    sources = [Source("task", train_examples, 1.0)]
+        model = _wrap(m, model, ctx)
+    sources = [Source(TASK_STREAM, train_examples, 1.0)]
     for m in methods:
         sources += m.extra_sources(ctx)
     extra_share = sum(s.weight for s in sources[1:])
     if extra_share >= 1:
         raise ConfigError(f"methods: mixed-in data takes {extra_share:.0%} of every batch, leaving nothing for the task; lower the ratios")
     sources[0].weight = 1.0 - extra_share
+    paired_sources = [(m, m.paired_data(ctx)) for m in methods]
+    paired_sources = [(m, Source(m.name, examples, 1.0)) for m, examples in paired_sources if examples is not None]
     trainable, total_params = count_parameters(model)
     if trainable == 0:
         raise ConfigError("no trainable parameters: the configuration froze the whole model")
@@ -245,8 +295,10 @@ def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResul
 
     global_batch = t.micro_batch_size * t.grad_accum_steps * world
     batches = MixedBatches(sources, global_batch, t.seed)
+    # Each method's own data has its own seeded stream (by name), the same size per step as the batch.
+    paired = [(m, MixedBatches([s], global_batch, t.seed + zlib.crc32(m.name.encode()))) for m, s in paired_sources]
     total_steps = t.max_steps or batches.steps_for_epochs(t.epochs)
-    fingerprint = data_fingerprint(sources)
+    fingerprint = data_fingerprint(sources + [s for _, s in paired_sources])
 
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
@@ -259,176 +311,242 @@ def _run(cfg: RunConfig, accelerator, trackers: list[str], set_seed) -> RunResul
     model, optimizer = accelerator.prepare(model, optimizer)
     if ckpt and ckpt.trainer.get("scaler") and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(ckpt.trainer["scaler"])
-    metrics_file = None
     if main:
         remove_leftovers(run_dir, newer_than=ckpt.step if ckpt else -1)
         if ckpt is None:
             _save_run_config(cfg, run_dir)
-        metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        # A resumed run's metrics go on from the checkpoint: what was logged after it is logged again.
-        metrics_file.truncate(min(ckpt.trainer["metrics_bytes"], metrics_file.tell()) if ckpt else 0)
+    log = RunLog(run_dir / METRICS_FILE if main else None, accelerator, trackers, ckpt.trainer["metrics_bytes"] if ckpt else None)
     if trackers:
-        accelerator.init_trackers(out.wandb_project if "wandb" in trackers else "tensorboard", config=_flat(redact_secrets(to_dict(cfg))))
+        accelerator.init_trackers(out.wandb_project if "wandb" in trackers else "tensorboard", config=_tracker_config(cfg))
 
-    def log(record: dict) -> None:
-        if metrics_file:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-        if trackers:
-            flat = {k: v for k, v in _flat(record).items() if isinstance(v, (int, float)) and k != "step"}
-            accelerator.log(flat, step=record["step"])
-
-    roles = {s.name: s.role for s in eval_sets}
     if ckpt:
-        state = ckpt.trainer
-        before, first_step, tokens_seen, source_counts = state["before"], ckpt.step, state["tokens_seen"], state["source_counts"]
-        last_loss = float("nan") if state["last_loss"] is None else state["last_loss"]
-        elapsed_before, in_a_row, skipped = state["train_time_s"], state["nonfinite_in_a_row"], state["skipped_steps"]
+        state = TrainerState.from_json(ckpt.trainer)
     else:
-        before = evaluate_sets(model, tokenizer, eval_sets, cfg, accelerator, "before") if cfg.eval.before else {}
-        if before:
-            log({"step": 0, "eval": before})
+        state = TrainerState(total_steps, global_batch, fingerprint, [0] * len(sources))
+        state.before = evaluate_sets(model, tokenizer, eval_sets, cfg, accelerator, "before") if cfg.eval.before else {}
+        if state.before:
+            log({"step": 0, "eval": state.before})
             fault("eval")
-        first_step, tokens_seen, source_counts, last_loss = 0, 0, [0] * len(sources), float("nan")
-        elapsed_before, in_a_row, skipped = 0.0, 0, 0
-
     writer = CheckpointWriter(run_dir, accelerator, out.keep_last, base_ids)
-
-    def checkpoint(step: int) -> Path:
-        if metrics_file:
-            os.fsync(metrics_file.fileno())  # the checkpoint must not promise records the disk lost
-        state = trainer_state(
-            total_steps=total_steps, global_batch=global_batch, data=fingerprint, tokens_seen=tokens_seen,
-            source_counts=source_counts, last_loss=last_loss, train_time_s=elapsed_before + time.perf_counter() - started,
-            nonfinite_in_a_row=in_a_row, skipped_steps=skipped, metrics_bytes=metrics_file.tell() if metrics_file else None,
-            before=before,
-        )
-        try:
-            return writer.save(step, model, optimizer, scheduler, methods, state)
-        except UserError:
-            if metrics_file:
-                metrics_file.close()
-            raise
-
     if ckpt:  # last: nothing in the setup above may draw from the restored random streams
         restore_rng(*ckpt.rng(accelerator.process_index))
-    model.train()
-    started = time.perf_counter()
-    window_tokens, window_start = 0, started
-    with TrainProgress(total_steps, enabled=out.progress and main) as progress:
+    return Run(cfg, accelerator, tokenizer, model, optimizer, scheduler, methods, ctx, sources, batches, paired, eval_sets,
+               train_stats, state, writer, log, run_dir, trainable, total_params)
+
+
+def _wrap(method: Method, model, ctx: Context):
+    """``method.wrap_model``, refusing parameters it adds without its registered prefix."""
+    spec = REGISTRY[method.name]
+    before = {id(p) for p in model.parameters()}
+    model = method.wrap_model(model, ctx)
+    stray = [n for n, p in model.named_parameters() if id(p) not in before and not spec.owns(n)]
+    if stray:
+        prefixes = " / ".join(spec.prefix) or "none declared"
+        raise UserError(
+            f"methods.{method.name}: it added parameters whose names lack its prefix ({prefixes}), e.g. {stray[0]}; a method's "
+            f"parameters must carry its prefix (register(..., prefix=...)) so that saving and counting can find them"
+        )
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# The step loop
+# ------------------------------------------------------------------------------------------------
+
+
+class _Clock:
+    """Training time over resumes, and the tokens/s of the window since the last log line."""
+
+    def __init__(self, before_s: float):
+        self.before_s = before_s
+        self.started = self.window_start = time.perf_counter()
+        self.window_tokens = 0
+
+    def elapsed(self) -> float:
+        return self.before_s + time.perf_counter() - self.started
+
+    def tokens(self, n: int) -> float:
+        """Count ``n`` tokens; the window's tokens per second."""
+        self.window_tokens += n
+        return self.window_tokens / max(time.perf_counter() - self.window_start, 1e-9)
+
+    def new_window(self, keep_tokens: bool = True) -> None:
+        """Start the window again (after a log line, or after time spent outside training)."""
+        self.window_start = time.perf_counter()
+        if not keep_tokens:
+            self.window_tokens = 0
+
+
+@dataclass
+class StepOutcome:
+    problem: Optional[str]  # "non-finite loss" / "non-finite grad" when the update was skipped
+    means: dict[str, float]  # the LM loss ("lm") and every batch / paired term, as means over the step
+    step_terms: dict[str, float]
+    target_tokens: int
+    tokens: int  # real tokens of the global batch
+    grad_norm: float
+
+
+def _train_steps(run: Run) -> None:
+    """Optimiser steps from ``run.state.step`` to the end, with logging, evaluation and checkpoints."""
+    cfg, out, state = run.cfg, run.cfg.output, run.state
+    main = run.accelerator.is_main_process
+    run.model.train()
+    clock = _Clock(state.train_time_s)
+    with TrainProgress(state.total_steps, enabled=out.progress and main) as progress:
         say = (progress.note if progress.enabled else console.print) if main else (lambda message: None)
-        if first_step:
-            progress.update(first_step, last_loss, scheduler.get_last_lr()[0], 0.0)
-        for step in range(first_step, total_steps):
-            pairs = batches.batch(step)
-            for j, _ in pairs:
-                source_counts[j] += 1
-            mine = batches.examples(shard(pairs, accelerator.process_index, world))
-            micro = micro_batches(mine, t.micro_batch_size, tokenizer.pad_token_id)
-            local_targets = sum(count_targets(b["labels"]) for b in micro)
-            global_targets = int(_reduce_sum(accelerator, torch.tensor([local_targets], dtype=torch.float64)).item())
-            sums = forward_backward(model, micro, accelerator, scale=world / max(global_targets, 1), methods=methods)
-            step_terms = sums.pop("step_terms")
-            grad_norm = _grad_norm(model, accelerator, t.max_grad_norm)
-            # One reduction: every process's summed terms, and whether any process saw a non-finite gradient.
-            flag = torch.tensor(0.0 if math.isfinite(grad_norm) else 1.0, dtype=torch.float64)
-            reduced = _reduce_sum(accelerator, torch.stack([*sums.values(), flag])).tolist()
-            totals = dict(zip(sums, reduced))
-            bad_loss = not all(math.isfinite(v) for v in [*totals.values(), *step_terms.values()])
-            problem = "non-finite loss" if bad_loss else ("non-finite grad" if reduced[-1] > 0 else None)
-            if problem is None or accelerator.scaler is not None:
-                optimizer.step()
-                if accelerator.scaler is not None and not bad_loss:  # fp16: the loss scaler skips overflowing steps itself
-                    problem = "non-finite grad" if optimizer.step_was_skipped else None
-            scheduler.step()  # also on a skipped step: the schedule, like the data, follows the step number
-            optimizer.zero_grad(set_to_none=True)
-
-            step_tokens = int(_reduce_sum(accelerator, torch.tensor([sum(int(b["attention_mask"].sum()) for b in micro)], dtype=torch.float64)).item())
-            tokens_seen += step_tokens
-            window_tokens += step_tokens
-            now = time.perf_counter()
-            tps = window_tokens / max(now - window_start, 1e-9)
-            lr = scheduler.get_last_lr()[0]
-            if problem:
-                in_a_row, skipped = in_a_row + 1, skipped + 1
-                log({"step": step + 1, "skipped": problem})
-                say(f"step {step + 1}: {problem}; the update was skipped ({in_a_row} in a row)")
-                if t.max_nonfinite_steps is not None and in_a_row >= t.max_nonfinite_steps:
-                    saved = checkpoint(step + 1)
-                    if metrics_file:
-                        metrics_file.close()
-                    raise UserError(
-                        f"training stopped at step {step + 1}: the loss or gradient was non-finite (NaN/inf) at {in_a_row} steps "
-                        f"in a row (steps {step + 2 - in_a_row}-{step + 1}), whose updates were skipped; checkpoint {saved.name} "
-                        f"holds the last finite weights. Try a lower train.lr, check the training data around those steps, or "
-                        f"train in bf16/float32 instead of fp16; to go on anyway, --resume with a higher train.max_nonfinite_steps"
-                    )
+        if state.step:
+            progress.update(state.step, state.last_loss, run.scheduler.get_last_lr()[0], 0.0)
+        for step in range(state.step, state.total_steps):
+            o = _step(run, step)
+            state.step = step + 1
+            state.tokens_seen += o.tokens
+            tps = clock.tokens(o.tokens)
+            if o.problem:
+                _skipped(run, o.problem, say, clock)
             else:
-                in_a_row = 0
-                means = {k: v / max(global_targets, 1) for k, v in totals.items()}
-                last_loss = means.pop("lm")
-                progress.update(step + 1, last_loss, lr, tps)
-                if (step + 1) % out.log_every == 0 or step + 1 == total_steps:
-                    record = {
-                        "step": step + 1,
-                        "epoch": round(batches.epoch_at(step + 1), 4),
-                        "loss": last_loss,
-                        "lr": lr,
-                        "target_tokens": global_targets,
-                        "tokens_per_s": round(tps, 1),
-                        "elapsed_s": round(elapsed_before + now - started, 3),
-                        "grad_norm": grad_norm,
-                    }
-                    terms = {**means, **step_terms}
-                    if terms:
-                        record["terms"] = terms
-                        record["total_loss"] = last_loss + sum(terms.values())
-                    log(record)
-                    window_tokens, window_start = 0, now
+                state.nonfinite_in_a_row = 0
+                state.last_loss = o.means.pop("lm")
+                progress.update(state.step, state.last_loss, run.scheduler.get_last_lr()[0], tps)
+                if state.step % out.log_every == 0 or state.step == state.total_steps:
+                    run.log(_step_record(run, o, tps, clock))
+                    clock.new_window(keep_tokens=False)
             fault("step")
-            if cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0 and step + 1 < total_steps:
-                log({"step": step + 1, "eval": evaluate_sets(model, tokenizer, eval_sets, cfg, accelerator, f"step {step + 1}")})
+            if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < state.total_steps:
+                run.log({"step": state.step, "eval": evaluate_sets(run.model, run.tokenizer, run.eval_sets, cfg, run.accelerator, f"step {state.step}")})
                 fault("eval")
-                window_start = time.perf_counter()
-            if out.checkpoint_every and ((step + 1) % out.checkpoint_every == 0 or step + 1 == total_steps):
-                checkpoint(step + 1)
-                window_start = time.perf_counter()
-    train_time = elapsed_before + time.perf_counter() - started
+                clock.new_window()
+            if out.checkpoint_every and (state.step % out.checkpoint_every == 0 or state.step == state.total_steps):
+                _checkpoint(run, clock)
+                clock.new_window()
+    state.train_time_s = clock.elapsed()
 
-    unwrapped = accelerator.unwrap_model(model)
-    for m in methods:
-        m.after_train(unwrapped, ctx)
-    after = evaluate_sets(model, tokenizer, eval_sets, cfg, accelerator, "after")
-    log({"step": total_steps, "eval": after})
+
+def _step(run: Run, step: int) -> StepOutcome:
+    """One optimiser step on the global batch of ``step`` (the update is skipped when anything is non-finite)."""
+    acc, t = run.accelerator, run.cfg.train
+    rank, world, pad = acc.process_index, acc.num_processes, run.tokenizer.pad_token_id
+    pairs = run.batches.batch(step)
+    for j, _ in pairs:
+        run.state.source_counts[j] += 1
+    micro = micro_batches(run.batches.examples(shard(pairs, rank, world)), t.micro_batch_size, pad)
+    paired = [(m, micro_batches(stream.examples(shard(stream.batch(step), rank, world)), t.micro_batch_size, pad)) for m, stream in run.paired]
+    local = [sum(count_targets(b["labels"]) for b in micro)] + [sum(m.paired_count(b) for b in mbs) for m, mbs in paired]
+    counts = [int(c) for c in _reduce_sum(acc, torch.tensor(local, dtype=torch.float64)).tolist()]
+    global_targets = counts[0]
+    jobs = [(m, mbs, world / max(c, 1)) for (m, mbs), c in zip(paired, counts[1:])]
+    sums = forward_backward(run.model, micro, acc, scale=world / max(global_targets, 1), methods=run.methods, paired=jobs)
+    step_terms, paired_sums = sums.pop("step_terms"), sums.pop("paired")
+    grad_norm = _grad_norm(run.model, acc, t.max_grad_norm)
+    # One reduction: every process's summed terms, and whether any process saw a non-finite gradient.
+    flag = torch.tensor(0.0 if math.isfinite(grad_norm) else 1.0, dtype=torch.float64)
+    reduced = _reduce_sum(acc, torch.stack([*sums.values(), *(v for v, _ in paired_sums.values()), flag])).tolist()
+    means = {k: v / max(global_targets, 1) for k, v in zip(sums, reduced)}
+    for (name, (_, owner)), v in zip(paired_sums.items(), reduced[len(sums):]):
+        means[name] = means.get(name, 0.0) + v / max(counts[1 + owner], 1)
+    bad_loss = not all(math.isfinite(v) for v in [*reduced[:-1], *step_terms.values()])
+    problem = "non-finite loss" if bad_loss else ("non-finite grad" if reduced[-1] > 0 else None)
+    if problem is None or acc.scaler is not None:
+        run.optimizer.step()
+        if acc.scaler is not None and not bad_loss:  # fp16: the loss scaler skips overflowing steps itself
+            problem = "non-finite grad" if run.optimizer.step_was_skipped else None
+    run.scheduler.step()  # also on a skipped step: the schedule, like the data, follows the step number
+    run.optimizer.zero_grad(set_to_none=True)
+    tokens = int(_reduce_sum(acc, torch.tensor([sum(int(b["attention_mask"].sum()) for b in micro)], dtype=torch.float64)).item())
+    return StepOutcome(problem, means, step_terms, global_targets, tokens, grad_norm)
+
+
+def _step_record(run: Run, o: StepOutcome, tps: float, clock: _Clock) -> dict:
+    state = run.state
+    record = {
+        "step": state.step,
+        "epoch": round(run.batches.epoch_at(state.step), 4),
+        "loss": state.last_loss,
+        "lr": run.scheduler.get_last_lr()[0],
+        "target_tokens": o.target_tokens,
+        "tokens_per_s": round(tps, 1),
+        "elapsed_s": round(clock.elapsed(), 3),
+        "grad_norm": o.grad_norm,
+    }
+    terms = {**o.means, **o.step_terms}
+    if terms:
+        record["terms"] = terms
+        record["total_loss"] = state.last_loss + sum(terms.values())
+    return record
+
+
+def _skipped(run: Run, problem: str, say, clock: _Clock) -> None:
+    """Count a skipped update; after train.max_nonfinite_steps in a row, stop with a checkpoint."""
+    state, limit = run.state, run.cfg.train.max_nonfinite_steps
+    state.nonfinite_in_a_row += 1
+    state.skipped_steps += 1
+    run.log({"step": state.step, "skipped": problem})
+    say(f"step {state.step}: {problem}; the update was skipped ({state.nonfinite_in_a_row} in a row)")
+    if limit is not None and state.nonfinite_in_a_row >= limit:
+        saved = _checkpoint(run, clock)
+        run.log.close()
+        first = state.step + 1 - state.nonfinite_in_a_row
+        raise UserError(
+            f"training stopped at step {state.step}: the loss or gradient was non-finite (NaN/inf) at {state.nonfinite_in_a_row} steps "
+            f"in a row (steps {first}-{state.step}), whose updates were skipped; checkpoint {saved.name} "
+            f"holds the last finite weights. Try a lower train.lr, check the training data around those steps, or "
+            f"train in bf16/float32 instead of fp16; to go on anyway, --resume with a higher train.max_nonfinite_steps"
+        )
+
+
+def _checkpoint(run: Run, clock: _Clock) -> Path:
+    run.state.metrics_bytes = run.log.sync()
+    run.state.train_time_s = clock.elapsed()
+    try:
+        return run.writer.save(run.model, run.optimizer, run.scheduler, run.methods, run.state)
+    except UserError:
+        run.log.close()
+        raise
+
+
+# ------------------------------------------------------------------------------------------------
+# Finish: evaluate, save, summarise
+# ------------------------------------------------------------------------------------------------
+
+
+def _finish(run: Run) -> RunResult:
+    cfg, acc, state = run.cfg, run.accelerator, run.state
+    unwrapped = acc.unwrap_model(run.model)
+    for m in run.methods:
+        m.after_train(unwrapped, run.ctx)
+    after = evaluate_sets(run.model, run.tokenizer, run.eval_sets, cfg, acc, "after")
+    run.log({"step": state.total_steps, "eval": after})
     fault("eval")
     train_info = {
-        "steps": total_steps,
-        "global_batch": global_batch,
-        "processes": world,
-        "tokens": tokens_seen,
-        "final_loss": last_loss,
-        "skipped_steps": skipped,
-        "train_time_s": round(train_time, 2),
-        "tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
-        "trainable_params": trainable,
-        "total_params": total_params,
-        "methods": {m.name: m.describe() for m in methods},
+        "steps": state.total_steps,
+        "global_batch": state.global_batch,
+        "processes": acc.num_processes,
+        "tokens": state.tokens_seen,
+        "final_loss": state.last_loss,
+        "skipped_steps": state.skipped_steps,
+        "train_time_s": round(state.train_time_s, 2),
+        "tokens_per_s": round(state.tokens_seen / max(state.train_time_s, 1e-9), 1),
+        "trainable_params": run.trainable,
+        "total_params": run.total_params,
+        "methods": {m.name: m.describe() for m in run.methods},
     }
-    drawn = sum(source_counts)
+    drawn = sum(state.source_counts)
+    shares = zip(run.sources, run.batches.shares, state.source_counts)
     data_info = {
-        "train": vars(train_stats),
-        "mix": {s.name: {"requested": round(w, 4), "observed": round(c / max(drawn, 1), 4)} for s, w, c in zip(sources, batches.shares, source_counts)},
-        **{s.name: {"role": s.role, "examples": len(s.examples), "metric": s.metric, "higher_is_better": s.higher_is_better} for s in eval_sets},
+        "train": vars(run.train_stats),
+        "mix": {s.name: {"requested": round(w, 4), "observed": round(c / max(drawn, 1), 4)} for s, w, c in shares},
+        **{s.name: {"role": s.role, "examples": len(s.examples), "metric": s.metric, "higher_is_better": s.higher_is_better} for s in run.eval_sets},
     }
-    if main:
+    roles = {s.name: s.role for s in run.eval_sets}
+    if acc.is_main_process:
         if cfg.output.save_model:
-            save_model(unwrapped, tokenizer, run_dir / "model", cfg)
-        write_summary(run_dir, before, after, roles, train_info, data_info)  # summary.json last: the run is finished
-        metrics_file.close()
-        if not out.keep_checkpoints:
-            remove_checkpoints(run_dir)
-    accelerator.wait_for_everyone()
-    return RunResult(run_dir, before, after, roles, train_info, data_info, model=unwrapped, tokenizer=tokenizer)
+            save_model(unwrapped, run.tokenizer, run.run_dir / MODEL_DIR, cfg)
+        write_summary(run.run_dir, state.before, after, roles, train_info, data_info)  # summary.json last: the run is finished
+        run.log.close()
+        if not cfg.output.keep_checkpoints:
+            remove_checkpoints(run.run_dir)
+    acc.wait_for_everyone()
+    return RunResult(run.run_dir, state.before, after, roles, train_info, data_info, model=unwrapped, tokenizer=run.tokenizer)
 
 
 def _grad_norm(model, accelerator, max_norm) -> float:
@@ -443,9 +561,13 @@ def _save_run_config(cfg: RunConfig, run_dir: Path) -> None:
     """config.yaml describes the run, not how it was started: saved with output.resume off, atomically."""
     saved = copy.copy(cfg)
     saved.output = dataclasses.replace(cfg.output, resume=False)
-    tmp = run_dir / ".tmp-config.yaml"
-    save_config(saved, tmp)
-    os.replace(tmp, run_dir / "config.yaml")
+    write_atomic(run_dir / CONFIG_FILE, lambda tmp: save_config(saved, tmp))
+
+
+def _tracker_config(cfg: RunConfig) -> dict:
+    """The run's config as the trackers take it: one level, plain values, secrets redacted."""
+    flat = flatten(redact_secrets(to_dict(cfg)), sep="/")
+    return {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for k, v in flat.items() if v != {}}
 
 
 def _finished_result(run_dir: Path, summary: dict) -> RunResult:
@@ -454,34 +576,47 @@ def _finished_result(run_dir: Path, summary: dict) -> RunResult:
     return RunResult(run_dir, summary.get("before", {}), summary.get("after", {}), roles, summary.get("train", {}), summary.get("data", {}))
 
 
-def forward_backward(model, micro_batches: list[dict], accelerator, scale: float, methods: list = ()) -> dict:
+def forward_backward(model, micro_batches: list[dict], accelerator, scale: float, methods: list = (), paired: list = ()) -> dict:
     """Accumulate the gradients of one optimiser step.
 
     ``scale`` is ``world_size / global_target_tokens``: each micro-batch's *summed* token loss
     (and every method's batch term, also a sum over target tokens) is scaled by it, so the
     accumulated, DDP-averaged gradient is that of the token-mean loss over the whole global batch.
-    Step terms (penalties on the weights) are added once, with the last micro-batch; every process
-    adds the same value, so DDP's average keeps it at weight 1. Gradients are synchronised across
-    processes only on the last micro-batch.
+    ``paired`` holds ``(method, its micro-batches, its scale)`` for methods with data of their own
+    (``Method.paired_data``): the recipe runs the model on them and the method's paired terms,
+    sums over ``paired_count`` positions, are scaled by ``world_size / global count`` (a mean
+    over the step). Step terms (penalties on the weights) are added once, with the last
+    micro-batch; every process adds the same value, so DDP's average keeps it at weight 1.
+    Gradients are synchronised across processes only on the last micro-batch.
 
-    Returns this process's sums: ``{"lm": ..., <batch term>: ..., "step_terms": {name: value}}``.
+    Returns this process's sums: ``{"lm": ..., <batch term>: ..., "step_terms": {name: value},
+    "paired": {name: (sum, index of its entry in paired)}}``.
     """
     sums: dict = {"lm": torch.zeros((), dtype=torch.float64)}
     step_values: dict[str, float] = {}
+    paired_sums: dict[str, tuple] = {}
     plain = accelerator.unwrap_model(model)  # what methods see: the model without DDP's wrapper
-    for i, b in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
+    jobs = [(None, b, scale) for b in micro_batches] + [(k, b, s) for k, (_, mbs, s) in enumerate(paired) for b in mbs]
+    for i, (owner, b, job_scale) in enumerate(jobs):
+        last = i == len(jobs) - 1
         with nullcontext() if last else accelerator.no_sync(model):
             b = {k: v.to(accelerator.device) for k, v in b.items()}
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            loss_sum, _ = token_cross_entropy(logits, b["labels"])
-            total = loss_sum
-            sums["lm"] += loss_sum.detach().double().cpu()
-            for m in methods:
-                for name, value in m.batch_terms(plain, b, logits).items():
+            if owner is None:  # a micro-batch of the training batch
+                loss_sum, _ = token_cross_entropy(logits, b["labels"])
+                total = loss_sum
+                sums["lm"] += loss_sum.detach().double().cpu()
+                for m in methods:
+                    for name, value in m.batch_terms(plain, b, logits).items():
+                        total = total + value
+                        sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64)) + value.detach().double().cpu()
+            else:  # a micro-batch of a method's own data
+                total = logits.sum() * 0.0
+                for name, value in paired[owner][0].paired_terms(plain, b, logits).items():
                     total = total + value
-                    sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64)) + value.detach().double().cpu()
-            total = total * scale
+                    previous = paired_sums.get(name, (torch.zeros((), dtype=torch.float64), owner))[0]
+                    paired_sums[name] = (previous + value.detach().double().cpu(), owner)
+            total = total * job_scale
             if last:
                 for m in methods:
                     for name, value in m.step_terms(plain).items():
@@ -489,6 +624,7 @@ def forward_backward(model, micro_batches: list[dict], accelerator, scale: float
                         step_values[name] = float(value.detach())
             accelerator.backward(total)
     sums["step_terms"] = step_values
+    sums["paired"] = paired_sums
     return sums
 
 
@@ -496,15 +632,3 @@ def _reduce_sum(accelerator, tensor: torch.Tensor) -> torch.Tensor:
     if accelerator.num_processes == 1:
         return tensor
     return accelerator.reduce(tensor.to(accelerator.device), "sum").cpu()
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "/"))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
-    return out
-

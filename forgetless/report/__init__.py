@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from forgetless.files import REPORT_HTML, RESULTS_CSV, SUMMARY_MD
 from forgetless.report import plots
 from forgetless.report.html import report_html
 from forgetless.report.results import load_results, read_loss_curve
@@ -45,7 +46,7 @@ def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
         "general": plots.general_curves(results),
     }
     heatmaps = {s.name: plots.heatmap(results, s) for s in results.strategies}
-    paths = {"html": run_dir / "report.html", "csv": run_dir / "results.csv", "markdown": run_dir / "summary.md"}
+    paths = {"html": run_dir / REPORT_HTML, "csv": run_dir / RESULTS_CSV, "markdown": run_dir / SUMMARY_MD}
     paths["html"].write_text(report_html(results, rows, figures, heatmaps), encoding="utf-8")
     paths["csv"].write_text(results_csv(results, rows), encoding="utf-8")
     paths["markdown"].write_text(summary_markdown(results, rows), encoding="utf-8")

@@ -1,5 +1,9 @@
 """``report.html``: one self-contained page (inline CSS and PNG figures; no scripts, fonts or
-links to fetch), readable offline and printable."""
+links to fetch), readable offline and printable.
+
+The page's parts (:func:`page`, :func:`table`, :func:`figure`, :func:`config_block`,
+:func:`notes_section`) are shared by every report forgetless writes: a task sequence's
+(:func:`report_html`), a single run's (:mod:`forgetless.report.single`) and the demo's."""
 
 from __future__ import annotations
 
@@ -75,15 +79,41 @@ In the table the best value of each column is highlighted.</p>
 """
 
 
-def _e(text: object) -> str:
+def esc(text: object) -> str:
+    """``text`` as HTML-safe text."""
     return html.escape(str(text))
 
 
-def _figure(plot: Optional[Plot], caption: str) -> str:
+def figure(plot: Optional[Plot], caption: str) -> str:
+    """A figure with its caption (HTML); nothing for a plot that was not drawn."""
     if plot is None:
         return ""
-    return (f'<figure><img src="{plot.uri}" width="{plot.width_px}" alt="{_e(plot.alt)}">'
+    return (f'<figure><img src="{plot.uri}" width="{plot.width_px}" alt="{esc(plot.alt)}">'
             f"<figcaption>{caption}</figcaption></figure>")
+
+
+def table(head: str, rows: list[str]) -> str:
+    """A table in the report's style: ``head`` the header cells, ``rows`` each a ``<tr>`` (HTML)."""
+    return f'<div class="scroll"><table class="cmp"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+
+
+def config_block(text: str, summary: str, unfolded: bool = False) -> str:
+    """A block of YAML (or any preformatted text), folded unless ``unfolded``."""
+    return f'<details class="cfg"{" open" if unfolded else ""}><summary>{esc(summary)}</summary><pre>{esc(text)}</pre></details>'
+
+
+def notes_section(notes: list[str]) -> list[str]:
+    """The "Notes" section (what was skipped or left out while reading), or nothing."""
+    if not notes:
+        return []
+    return ["<h2>Notes</h2>", '<ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>"]
+
+
+def page(title: str, sections: list[str], extra_css: str = "") -> str:
+    """The whole page: the report's style (plus ``extra_css``) and the sections in order."""
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{esc(title)}</title>'
+            f"<style>{CSS}{extra_css}</style></head><body><main>\n" + "\n".join(sections) + "\n</main></body></html>\n")
 
 
 def comparison_table(results: Results, rows: list[dict]) -> str:
@@ -92,21 +122,21 @@ def comparison_table(results: Results, rows: list[dict]) -> str:
     style = colours(results)
     best = {c.key: best_rows(rows, c) for c in cols}
     head = "<th>strategy</th>" + "".join(
-        f'<th title="{_e(c.help)}">{_e(c.label)}<span class="dir">{_e(direction(c))}</span></th>' for c in cols)
+        f'<th title="{esc(c.help)}">{esc(c.label)}<span class="dir">{esc(direction(c))}</span></th>' for c in cols)
     body = []
     for i, r in enumerate(rows):
         colour = style[r["strategy"]][0]
-        name = f'<span class="swatch" style="background:{colour}"></span>{_e(r["strategy"])}'
+        name = f'<span class="swatch" style="background:{colour}"></span>{esc(r["strategy"])}'
         if r["baseline"]:
-            name += f'<span class="tag">baseline: {_e(r["baseline"])}</span>'
+            name += f'<span class="tag">baseline: {esc(r["baseline"])}</span>'
         cells = "".join(_cell(fmt(c, r.get(c.key), r), detail(c, r), i in best[c.key]) for c in cols)
         body.append(f'<tr class="{"baseline" if r["baseline"] else ""}"><td>{name}</td>{cells}</tr>')
-    return f'<div class="scroll"><table class="cmp"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    return table(head, body)
 
 
 def _cell(text: str, sub: str, best: bool) -> str:
-    sub = f'<span class="sub">{_e(sub)}</span>' if sub else ""
-    return f'<td{" class=best" if best else ""}>{_e(text)}{sub}</td>'
+    sub = f'<span class="sub">{esc(sub)}</span>' if sub else ""
+    return f'<td{" class=best" if best else ""}>{esc(text)}{sub}</td>'
 
 
 def _facts(s: Strategy) -> str:
@@ -122,28 +152,27 @@ def _facts(s: Strategy) -> str:
 
 
 def strategy_card(results: Results, s: Strategy, heat: Plot) -> str:
-    runs = ", ".join(f"<code>{_e(r)}</code>" for r in s.runs) or "none recorded"
+    runs = ", ".join(f"<code>{esc(r)}</code>" for r in s.runs) or "none recorded"
     config = ""
     if s.config is not None:
-        text = yaml.safe_dump(s.config, sort_keys=False, allow_unicode=True)
-        config = f'<details class="cfg"><summary>configuration (YAML)</summary><pre>{_e(text)}</pre></details>'
-    tag = f'<span class="tag">baseline: {_e(s.baseline)}</span>' if s.baseline else ""
-    notes = "".join(f'<div class="facts">{_e(task)}: {_e(why)}</div>' for task, why in s.notes.items())
-    return (f'<div class="card" id="strategy-{_e(s.name)}"><h3>{_e(s.name)}{tag}</h3><div class="facts">{_e(_facts(s))}</div>'
-            f'<img src="{heat.uri}" width="{heat.width_px}" alt="{_e(heat.alt)}">{notes}'
+        config = config_block(yaml.safe_dump(s.config, sort_keys=False, allow_unicode=True), "configuration (YAML)")
+    tag = f'<span class="tag">baseline: {esc(s.baseline)}</span>' if s.baseline else ""
+    notes = "".join(f'<div class="facts">{esc(task)}: {esc(why)}</div>' for task, why in s.notes.items())
+    return (f'<div class="card" id="strategy-{esc(s.name)}"><h3>{esc(s.name)}{tag}</h3><div class="facts">{esc(_facts(s))}</div>'
+            f'<img src="{heat.uri}" width="{heat.width_px}" alt="{esc(heat.alt)}">{notes}'
             f'<div class="facts">runs: {runs}</div>{config}</div>')
 
 
 def report_html(results: Results, rows: list[dict], plots: dict[str, Optional[Plot]], heatmaps: dict[str, Plot]) -> str:
     chips = '<span class="arrow">→</span>'.join(
-        f'<span class="chip">{i}. {_e(t)} <span class="muted">· {_e(results.metrics[t])}</span></span>' for i, t in enumerate(results.tasks, 1))
+        f'<span class="chip">{i}. {esc(t)} <span class="muted">· {esc(results.metrics[t])}</span></span>' for i, t in enumerate(results.tasks, 1))
     title = {"continual": "Continual fine-tuning report", "compare": "Strategy comparison report"}[results.kind]
     unit = "Scores are shown in %, differences in percentage points (pts). " if scores_are_fractions(results) else ""
     meta = " · ".join(x for x in (f"{len(results.strategies)} strategies", results.created and f"created {results.created}",
                                   results.version and f"forgetless {results.version}") if x)
     sections = [
         f"<h1>{title}</h1>",
-        f'<p class="muted small">{_e(meta)}</p>',
+        f'<p class="muted small">{esc(meta)}</p>',
         f'<div class="tasks"><span class="muted small">tasks in training order:</span>{chips}</div>',
         HOW_TO_READ,
         "<h2>Comparison</h2>",
@@ -152,30 +181,27 @@ def report_html(results: Results, rows: list[dict], plots: dict[str, Optional[Pl
         comparison_table(results, rows),
     ]
     if plots.get("tradeoff") is not None:
-        sections += ["<h2>Old tasks vs new task</h2>", _figure(plots["tradeoff"],
+        sections += ["<h2>Old tasks vs new task</h2>", figure(plots["tradeoff"],
                      "One point per strategy: right = old tasks retained (BWT), up = new tasks learned (plasticity). "
                      "Ringed and joined: the Pareto front, where no other strategy is better on both. "
                      "Hollow markers are baselines.")]
     else:
         sections += ["<h2>Old tasks vs new task</h2>", '<p class="muted small">Not shown: the trade-off needs BWT and plasticity, '
                      "i.e. at least two tasks trained in sequence, all scored with metrics of one direction.</p>"]
-    sections += ["<h2>Each task's score through the sequence</h2>", _figure(plots.get("scores"),
+    sections += ["<h2>Each task's score through the sequence</h2>", figure(plots.get("scores"),
                  "Column <i>k</i> of each matrix: the score on one task before training and after each task. "
                  "Shaded: the step that trains that task.")]
     if plots.get("loss") is not None:
-        sections += ["<h2>Training loss</h2>", _figure(plots["loss"],
+        sections += ["<h2>Training loss</h2>", figure(plots["loss"],
                      "The loss logged in each run's <code>metrics.jsonl</code>, steps counted across the whole sequence; "
                      "dashed lines mark where the next task starts.")]
     if plots.get("general") is not None:
-        sections += ["<h2>General ability</h2>", _figure(plots["general"],
+        sections += ["<h2>General ability</h2>", figure(plots["general"],
                      "Perplexity on general text after each training step: rising = general ability lost.")]
     sections += ["<h2>Per strategy</h2>", '<p class="small muted">Accuracy matrices: rows = after each task, columns = the tasks; '
                  "the outlined cell is each task right after it was trained. One colour scale per column, dark = better.</p>",
                  '<div class="cards">' + "".join(strategy_card(results, s, heatmaps[s.name]) for s in results.strategies) + "</div>"]
-    if results.notes:
-        sections += ["<h2>Notes</h2>", '<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in results.notes) + "</ul>"]
-    sections.append(f"<footer>Generated by <code>forgetless report</code> from <code>{_e(results.path.name)}</code>. "
+    sections += notes_section(results.notes)
+    sections.append(f"<footer>Generated by <code>forgetless report</code> from <code>{esc(results.path.name)}</code>. "
                     "Regenerate with <code>forgetless report RUN_DIR</code>.</footer>")
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{_e(title)}: {_e(" → ".join(results.tasks))}</title>'
-            f"<style>{CSS}</style></head><body><main>\n" + "\n".join(sections) + "\n</main></body></html>\n")
+    return page(f"{title}: {' → '.join(results.tasks)}", sections)

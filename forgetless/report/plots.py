@@ -309,3 +309,23 @@ def run_curves(log: RunLog, roles: dict[str, str]) -> Optional[Plot]:
         ax.set_title("scores at each evaluation", loc="left")
         ax.legend(loc="best")
     return _png(fig, "training loss and evaluation scores over the run")
+
+
+@_styled
+def grouped_bars(groups: list[str], series: list[tuple[str, list[float], str]], ylabel: str,
+                 ylim: Optional[tuple[float, float]] = None, alt: str = "") -> Plot:
+    """Bars side by side per group: ``series`` is (label, one value per group, colour) each."""
+    fig = _figure(max(6.0, 1.8 * len(groups) + 3), 3.6)
+    ax = fig.add_subplot()
+    width = 0.8 / len(series)
+    for i, (label, values, colour) in enumerate(series):
+        offset = (i - (len(series) - 1) / 2) * width
+        ax.bar([j + offset for j in range(len(groups))], values, width, label=label, color=colour)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.grid(axis="x", visible=False)
+    ax.set_axisbelow(True)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    fig.legend(loc="outside upper center", ncols=len(series))
+    return _png(fig, alt)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from forgetless.errors import UserError
+from forgetless.files import METRICS_FILE, RESULTS_FILE
 
 KINDS = ("continual", "compare")
 LOWER_IS_BETTER_METRICS = ("loss", "perplexity")
@@ -70,7 +71,7 @@ def _number(value: Any) -> Optional[float]:
 def load_results(run_dir: Path) -> Results:
     """Read and check ``run_dir/results.json``; raise :class:`UserError` with one line on bad input."""
     run_dir = Path(run_dir)
-    path = run_dir / "results.json"
+    path = run_dir / RESULTS_FILE
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such directory; {WHAT_TO_RUN}")
     if not path.is_file():
@@ -212,11 +213,11 @@ def read_loss_curve(results: Results, strategy: Strategy) -> Optional[LossCurve]
     boundaries: list[int] = []
     offset = 0
     for i, rel in enumerate(strategy.runs):
-        path = results.run_dir / rel / "metrics.jsonl"
+        path = results.run_dir / rel / METRICS_FILE
         if not path.is_file():
-            results.notes.append(f"{strategy.name}: no training log at {rel}/metrics.jsonl; its loss curve is left out")
+            results.notes.append(f"{strategy.name}: no training log at {rel}/{METRICS_FILE}; its loss curve is left out")
             return None
-        log = read_run_log(path, f"{strategy.name}: {rel}/metrics.jsonl", results.notes)
+        log = read_run_log(path, f"{strategy.name}: {rel}/{METRICS_FILE}", results.notes)
         if i:
             boundaries.append(offset)
         for step in sorted(log.losses):

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Optional
 
 from forgetless.errors import UserError
+from forgetless.files import CONFIG_FILE, METRICS_FILE, REPORT_HTML, RESULTS_FILE, SUMMARY_FILE
 from forgetless.report import plots
-from forgetless.report.html import CSS, _e, _figure
+from forgetless.report.html import config_block, esc, figure, notes_section, page, table
 from forgetless.report.results import read_run_log
 from forgetless.report.tables import short_count
 
@@ -30,7 +31,7 @@ table.cmp td:nth-child(2), table.cmp th:nth-child(2) { text-align: left; }
 
 
 def is_single_run(run_dir: Path) -> bool:
-    return (run_dir / "summary.json").is_file() and not (run_dir / "results.json").exists()
+    return (run_dir / SUMMARY_FILE).is_file() and not (run_dir / RESULTS_FILE).exists()
 
 
 def _cell(before: Optional[float], after: Optional[float], higher: bool) -> str:
@@ -46,12 +47,11 @@ def _cell(before: Optional[float], after: Optional[float], higher: bool) -> str:
 def _table(before: dict, after: dict, roles: dict[str, str]) -> str:
     shown = [m for m in SET_METRICS if any(m[0] in (after.get(s) or {}) for s in roles)]
     head = "<th>set</th><th>role</th>" + "".join(
-        f'<th>{_e(label)}<span class="dir">{"higher" if higher else "lower"} is better</span></th>' for _, label, higher in shown)
-    body = "".join(
-        f"<tr><td>{_e(name)}</td><td>{'learn' if role == 'new' else 'keep'}</td>"
-        + "".join(_cell((before.get(name) or {}).get(k), (after.get(name) or {}).get(k), higher) for k, _, higher in shown) + "</tr>"
-        for name, role in roles.items())
-    return f'<div class="scroll"><table class="cmp"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+        f'<th>{esc(label)}<span class="dir">{"higher" if higher else "lower"} is better</span></th>' for _, label, higher in shown)
+    body = [f"<tr><td>{esc(name)}</td><td>{'learn' if role == 'new' else 'keep'}</td>"
+            + "".join(_cell((before.get(name) or {}).get(k), (after.get(name) or {}).get(k), higher) for k, _, higher in shown) + "</tr>"
+            for name, role in roles.items()]
+    return table(head, body)
 
 
 def _training(train: dict) -> str:
@@ -75,7 +75,7 @@ def _training(train: dict) -> str:
 
 def write_single_run_report(run_dir: Path) -> dict[str, Path]:
     """Write ``run_dir/report.html`` for a single training run; return its path."""
-    path = run_dir / "summary.json"
+    path = run_dir / SUMMARY_FILE
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -85,28 +85,25 @@ def write_single_run_report(run_dir: Path) -> dict[str, Path]:
     before, after = summary.get("before") or {}, summary.get("after") or {}
     roles = {row["set"]: row.get("role", "keep") for row in summary.get("sets") or [] if isinstance(row, dict) and "set" in row}
     notes: list[str] = []
-    log = read_run_log(run_dir / "metrics.jsonl", "metrics.jsonl", notes) if (run_dir / "metrics.jsonl").is_file() else None
-    figure = plots.run_curves(log, roles) if log else None
-    config = run_dir / "config.yaml"
+    log = read_run_log(run_dir / METRICS_FILE, METRICS_FILE, notes) if (run_dir / METRICS_FILE).is_file() else None
+    curves = plots.run_curves(log, roles) if log else None
+    config = run_dir / CONFIG_FILE
     sections = [
-        f"<h1>Run report: {_e(run_dir.name)}</h1>",
-        f'<p class="muted small">{_e(_training(summary.get("train") or {}))}</p>',
+        f"<h1>Run report: {esc(run_dir.name)}</h1>",
+        f'<p class="muted small">{esc(_training(summary.get("train") or {}))}</p>',
         "<h2>What it learned and what it kept</h2>",
         '<p class="small muted">Every set scored before the first step and after the last; learn = data.eval, '
         "keep = data.keep. Green: better after training, red: worse.</p>",
         _table(before, after, roles),
     ]
-    if figure is not None:
-        sections += ["<h2>Over the run</h2>", _figure(figure, "Training loss per step, and each set's score at every evaluation "
-                                                     "(solid: sets to learn, dashed: sets to keep).")]
+    if curves is not None:
+        sections += ["<h2>Over the run</h2>", figure(curves, "Training loss per step, and each set's score at every evaluation "
+                                                    "(solid: sets to learn, dashed: sets to keep).")]
     if config.is_file():
-        sections += ["<h2>Configuration</h2>", f'<details class="cfg" open><summary>config.yaml</summary><pre>{_e(config.read_text(encoding="utf-8"))}</pre></details>']
-    if notes:
-        sections += ["<h2>Notes</h2>", '<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>"]
+        sections += ["<h2>Configuration</h2>", config_block(config.read_text(encoding="utf-8"), CONFIG_FILE, unfolded=True)]
+    sections += notes_section(notes)
     sections.append("<footer>Generated by <code>forgetless report</code> from <code>summary.json</code> and <code>metrics.jsonl</code>. "
                     "A task sequence (<code>forgetless continual</code> / <code>compare</code>) gets the full comparison report.</footer>")
-    out = run_dir / "report.html"
-    out.write_text(f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">'
-                   f"<title>Run report: {_e(run_dir.name)}</title><style>{CSS}{EXTRA_CSS}</style></head><body><main>\n"
-                   + "\n".join(sections) + "\n</main></body></html>\n", encoding="utf-8")
+    out = run_dir / REPORT_HTML
+    out.write_text(page(f"Run report: {run_dir.name}", sections, EXTRA_CSS), encoding="utf-8")
     return {"html": out}

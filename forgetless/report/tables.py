@@ -145,7 +145,7 @@ def formatter(results: Results) -> Callable[[Column, Optional[float], dict], str
         if value is None:
             return "n/a"
         if col.kind == "level":
-            return f"{value:.1%}" if fractions else f"{value:.4g}"
+            return percent(value) if fractions else f"{value:.4g}"
         if col.kind in ("delta", "gap"):
             sign = "+" if col.kind == "delta" else ""
             return f"{100 * value:{sign}.1f} pts" if fractions else f"{value:{sign}.4g}"
@@ -164,11 +164,21 @@ def formatter(results: Results) -> Callable[[Column, Optional[float], dict], str
 
 
 def short_count(n: float) -> str:
-    """1704192 -> '1.70M', 73696 -> '73.7k'."""
+    """A count in 3 significant digits: 1704192 -> '1.7M', 1250000 -> '1.25M', 73696 -> '73.7k', 512 -> '512'."""
     for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:
             return f"{n / size:.3g}{unit}" if n < 100 * size else f"{n / size:.0f}{unit}"
     return f"{int(n)}"
+
+
+def percent(fraction: float) -> str:
+    """A score in [0, 1] as a percentage: 0.994 -> '99.4%'."""
+    return f"{fraction:.1%}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table."""
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def detail(col: Column, row: dict) -> str:
@@ -211,12 +221,10 @@ def results_csv(results: Results, rows: list[dict]) -> str:
 
 def matrix_markdown(results: Results, strategy: Strategy) -> str:
     fractions = scores_are_fractions(results)
-    cell = lambda v: "–" if v is None else (f"{v:.1%}" if fractions else f"{v:.4g}")  # noqa: E731
-    lines = ["| after \\ on | " + " | ".join(results.tasks) + " |", "|" + " --- |" * (len(results.tasks) + 1)]
-    for t, row in enumerate(strategy.matrix):
-        label = "before training" if t == 0 else f"task {t}: {results.tasks[t - 1]}"
-        lines.append(f"| {label} | " + " | ".join(cell(v) for v in row) + " |")
-    return "\n".join(lines)
+    cell = lambda v: "–" if v is None else (percent(v) if fractions else f"{v:.4g}")  # noqa: E731
+    rows = [["before training" if t == 0 else f"task {t}: {results.tasks[t - 1]}", *(cell(v) for v in row)]
+            for t, row in enumerate(strategy.matrix)]
+    return "\n".join(markdown_table(["after \\ on", *results.tasks], rows))
 
 
 def summary_markdown(results: Results, rows: list[dict]) -> str:
@@ -230,13 +238,10 @@ def summary_markdown(results: Results, rows: list[dict]) -> str:
         "Every number below is recomputed from the accuracy matrices in results.json"
         + (" (scores in %, differences in percentage points)." if scores_are_fractions(results) else "."),
         "",
-        "| strategy | " + " | ".join(header(c) for c in cols) + " |",
-        "|" + " --- |" * (len(cols) + 1),
     ]
-    for r in rows:
-        name = r["strategy"] + (f" (baseline: {r['baseline']})" if r["baseline"] else "")
-        cells = [fmt(c, r.get(c.key), r) + (f" ({detail(c, r)})" if detail(c, r) else "") for c in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    cells = [[r["strategy"] + (f" (baseline: {r['baseline']})" if r["baseline"] else ""),
+              *(fmt(c, r.get(c.key), r) + (f" ({detail(c, r)})" if detail(c, r) else "") for c in cols)] for r in rows]
+    lines += markdown_table(["strategy", *(header(c) for c in cols)], cells)
     lines += ["", "n/a: not defined for this strategy (a joint baseline has no per-task rows; one task has no old tasks).", ""]
     for s in results.strategies:
         lines += [f"## {s.name}: score on each task (columns) after each training step (rows)", "", matrix_markdown(results, s), ""]

@@ -49,3 +49,25 @@ def test_two_processes_match_one(tmp_path, pc_file):
     # evaluation is sharded across the processes and summed: the same scores as one process
     assert e2[-1]["eval"]["task"]["loss"] == pytest.approx(e1[-1]["eval"]["task"]["loss"], rel=1e-4)
     assert e2[-1]["eval"]["task"]["target_tokens"] == e1[-1]["eval"]["task"]["target_tokens"]
+
+
+def _terms(run_dir, name):
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["terms"][name] for r in recs if "terms" in r]
+
+
+def test_kl_on_its_own_data_is_the_same_with_two_processes(tmp_path, pc_file):
+    """The KL data of every step is drawn, sharded and grouped like the training batch (the recipe
+    hands it to the method), so 2 processes pair the same KL data with every step as 1 process,
+    although length-grouping gives each process a different number of micro-batches."""
+    common = ("output.log_every=1", "train.max_steps=3", "eval.generation=false", "eval.before=false",
+              "methods.kl.data={path: demo:currencies, limit: 24}", "methods.kl.weight=1")
+    one = _run([sys.executable, "-m", "forgetless", "train", *fast_overrides(tmp_path / "one", pc_file, *common, "train.micro_batch_size=2", "train.grad_accum_steps=4")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run([sys.executable, "-m", "forgetless", "train", *fast_overrides(tmp_path / "two", pc_file, *common, "train.micro_batch_size=2", "train.grad_accum_steps=2"), "--nproc", "2"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    k1, k2 = _terms(tmp_path / "one", "kl"), _terms(tmp_path / "two", "kl")
+    assert len(k1) == len(k2) == 3
+    assert k1[0] == pytest.approx(0.0, abs=1e-6)  # the model starts as its teacher
+    assert k1[1] > 0 and k2 == pytest.approx(k1, rel=1e-4, abs=1e-7)
+    assert _losses(tmp_path / "two")[0] == pytest.approx(_losses(tmp_path / "one")[0], rel=1e-4)

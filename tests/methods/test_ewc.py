@@ -5,7 +5,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from forgetless.config import TinyModelConfig, load_config
-from forgetless.data.formats import Encoder
 from forgetless.errors import ConfigError
 from forgetless.methods import REGISTRY, Context
 from forgetless.methods.ewc import EWC, STATE_FILE, anchored_squares
@@ -29,7 +28,7 @@ def setup(*overrides: str, keep: bool = True):
         "methods.ewc.samples=6",
         *overrides,
     ])
-    return cfg.methods["ewc"], Context(cfg, TOK, Encoder(TOK, cfg.data), None, None, [], 0)
+    return cfg.methods["ewc"], Context.build(cfg, TOK, seed=0)
 
 
 def tiny(seed: int = 0):
@@ -54,7 +53,7 @@ def test_penalty_is_zero_at_start_and_its_gradient_is_the_formula():
     model = tiny()
     ewc, ctx = start_ewc(model, "methods.ewc.weight=7.5")
     # the (sampled, seeded) Fisher of the first data.keep set, capped at `samples`, at the start weights
-    capitals = ctx.load_dataset(ctx.cfg.data.keep["capitals"])[:6]
+    capitals = ctx.load_dataset(ctx.keep)[:6]
     reference = diagonal_fisher(model, capitals, TOK.pad_token_id, "sampled", seed=ctx.seed)
     fisher = dict(zip(ewc.names, ewc.fisher))
     for n in reference:
@@ -75,7 +74,7 @@ def test_penalty_is_zero_at_start_and_its_gradient_is_the_formula():
 def test_empirical_kind_uses_the_data_labels():
     model = tiny()
     ewc, ctx = start_ewc(model, "methods.ewc.fisher=empirical", "methods.ewc.samples=4")
-    capitals = ctx.load_dataset(ctx.cfg.data.keep["capitals"])[:4]
+    capitals = ctx.load_dataset(ctx.keep)[:4]
     reference = diagonal_fisher(model, capitals, TOK.pad_token_id, "empirical")
     for n, f in zip(ewc.names, ewc.fisher):
         torch.testing.assert_close(f, reference[n])
@@ -126,7 +125,7 @@ def test_online_ewc_accumulates_the_previous_fisher(tmp_path):
         assert torch.equal(saved[f"fisher.{n}"], f) and torch.equal(saved[f"anchor.{n}"], a)
 
     perturb(model)  # as if the first task had trained
-    capitals = ctx.load_dataset(ctx.cfg.data.keep["capitals"])[:6]
+    capitals = ctx.load_dataset(ctx.keep)[:6]
     new = diagonal_fisher(model, capitals, TOK.pad_token_id, "sampled", seed=ctx.seed)
     for previous in (tmp_path, tmp_path / STATE_FILE):  # a run directory or the file itself
         second, _ = start_ewc(model, f"methods.ewc.previous_state={previous}", "methods.ewc.gamma=0.5")
@@ -234,7 +233,7 @@ def test_online_ewc_across_two_runs(scenario):
     )
     assert _terms(second.run_dir, "ewc")[0] == 0.0
     _, ctx = setup()
-    capitals = ctx.load_dataset(ctx.cfg.data.keep["capitals"])[:8]  # the scenario's keep set starts the same
+    capitals = ctx.load_dataset(ctx.keep)[:8]  # the scenario's keep set starts the same
     new = diagonal_fisher(first.model, capitals, TOK.pad_token_id, "sampled", seed=0)  # at the second run's start
     saved1, saved2 = load_file(str(first.run_dir / STATE_FILE)), load_file(str(second.run_dir / STATE_FILE))
     for n, f in new.items():

@@ -5,7 +5,7 @@ import torch
 
 from forgetless.config import DatasetSpec, TinyModelConfig, load_config
 from forgetless.data.batching import collate
-from forgetless.data.formats import IGNORE, Encoder
+from forgetless.data.formats import IGNORE
 from forgetless.errors import ConfigError
 from forgetless.methods import REGISTRY
 from forgetless.methods.base import Context
@@ -20,7 +20,7 @@ def _setup(*options):
     cfg = load_config(None, ["data.train=x.jsonl", "data.max_length=48", "train.micro_batch_size=4", "methods.kl=true", *options])
     tok = load_tiny_tokenizer()
     model = build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1), tok, seed=0)
-    ctx = Context(cfg, tok, Encoder(tok, cfg.data), None, None, [], seed=0)
+    ctx = Context.build(cfg, tok, seed=0)
     batch = collate(ctx.load_dataset(DatasetSpec("demo:capitals", limit=3)), tok.pad_token_id)
     return cfg, model, ctx, batch
 
@@ -86,24 +86,25 @@ def test_positions_all_and_general_data_are_scaled_to_the_train_case():
     got = kl.batch_terms(model, batch, logits)["kl"]
     assert got.item() == pytest.approx(n_targets * _kl_rows(logits[:, :-1][real], z_t[:, :-1][real], 1.0).mean().item(), rel=1e-5)
 
-    # general data: a seeded micro-batch of it per call, scaled by the train batch's target count
+    # general data: the method asks the recipe for it (paired_data) and adds nothing to the training batch;
+    # its paired term is the sum over the selected positions of a micro-batch of that data
     cfg, model, ctx, batch = _setup("methods.kl.data={path: demo:currencies, limit: 10}")
-    kl, twin = KL(cfg.methods["kl"]), KL(cfg.methods["kl"])
+    kl = KL(cfg.methods["kl"])
+    general = kl.paired_data(ctx)
+    assert len(general) == 10
     kl.before_train(model, ctx)
-    twin.before_train(model, ctx)
-    assert kl.order == twin.order and kl.order != sorted(kl.order)
     _perturb(model)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    first = kl._general_batch("cpu")
-    kl.cursor = 0
-    term = kl.batch_terms(model, batch, logits)["kl"]
-    assert kl.cursor == 1
+    assert kl.batch_terms(model, batch, logits) == {}
+    first = collate(general[:4], 0)
+    logits = model(input_ids=first["input_ids"], attention_mask=first["attention_mask"]).logits
+    term = kl.paired_terms(model, first, logits)["kl"]
     with torch.no_grad():
-        z_s = model(input_ids=first["input_ids"], attention_mask=first["attention_mask"]).logits
         z_t = kl.teacher(input_ids=first["input_ids"], attention_mask=first["attention_mask"]).logits
     sel = first["labels"][:, 1:] != IGNORE
-    assert term.item() == pytest.approx(n_targets * _kl_rows(z_s[:, :-1][sel], z_t[:, :-1][sel], 1.0).mean().item(), rel=1e-5)
-    term.backward()  # the extra student forward carries the gradient
+    assert kl.paired_count(first) == int(sel.sum())
+    assert term.item() == pytest.approx(_kl_rows(logits.detach()[:, :-1][sel], z_t[:, :-1][sel], 1.0).sum().item(), rel=1e-5)
+    term.backward()  # the student forward on the general data carries the gradient
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 

@@ -2,7 +2,6 @@ import pytest
 
 from forgetless.config import DatasetSpec, load_config
 from forgetless.data.batching import MixedBatches, Source
-from forgetless.data.formats import Encoder
 from forgetless.errors import ConfigError
 from forgetless.methods.base import Context
 from forgetless.methods.mix import Mix, temperature_shares
@@ -17,7 +16,7 @@ CAPITALS = "{path: demo:capitals, limit: 40}"
 def _sources(*options, seed=0):
     cfg = load_config(None, ["data.train=x.jsonl", "data.max_length=64", *options])
     tok = load_tiny_tokenizer()
-    ctx = Context(cfg, tok, Encoder(tok, cfg.data), None, None, [], seed=seed)
+    ctx = Context.build(cfg, tok, seed=seed)
     task = Source("task", ctx.load_dataset(DatasetSpec("demo:elements", limit=30)), 1.0)
     extra = Mix(cfg.methods["mix"]).extra_sources(ctx)
     task.weight = 1 - sum(s.weight for s in extra)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from forgetless.config import DatasetSpec, load_config
-from forgetless.data.formats import Encoder
 from forgetless.data.loading import load_records
 from forgetless.errors import ConfigError
 from forgetless.methods import REGISTRY
@@ -27,7 +26,7 @@ def _fake(task: str, n: int, tokens=lambda i: 3) -> list[Candidate]:
 def _replay(*options, seed=0):
     cfg = load_config(None, ["data.train=x.jsonl", "data.max_length=48", *options])
     tok = load_tiny_tokenizer()
-    ctx = Context(cfg, tok, Encoder(tok, cfg.data), None, None, [], seed=seed)
+    ctx = Context.build(cfg, tok, seed=seed)
     method = Replay(cfg.methods["replay"])
     return method, method.extra_sources(ctx)[0], ctx
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from forgetless.config import DatasetSpec, load_config
-from forgetless.data.formats import Encoder
 from forgetless.data.loading import Record, load_records
 from forgetless.errors import ConfigError
 from forgetless.methods.base import Context
@@ -21,7 +20,7 @@ def _method(scenario, *options, seed=0, run_dir=None):
     cfg = load_config(None, [f"model.name_or_path={scenario.base_dir}", "data.train=x.jsonl", "data.max_length=48", *options])
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tok)
-    ctx = Context(cfg, tok, Encoder(tok, cfg.data), None, run_dir, [], seed=seed)
+    ctx = Context.build(cfg, tok, run_dir=run_dir, seed=seed)
     method = SyntheticReplay(cfg.methods["synthetic_replay"])
     method.wrap_model(model, ctx)
     return method, model, ctx

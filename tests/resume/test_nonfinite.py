@@ -16,7 +16,8 @@ from forgetless.config import TinyModelConfig, option
 from forgetless.data.batching import collate
 from forgetless.data.formats import IGNORE, Example
 from forgetless.loss import token_cross_entropy
-from forgetless.methods.base import REGISTRY, Method, MethodSpec
+from forgetless.methods.base import Method
+from forgetless.registry import register, unregister
 from forgetless.models.tiny import build_tiny_model, load_tiny_tokenizer
 from forgetless.recipes.finetune import forward_backward
 from tests.resume.conftest import overrides, resume, train
@@ -56,8 +57,10 @@ class Poison(Method):
 
 
 @pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setitem(REGISTRY, "poison", MethodSpec("poison", PoisonConfig, Poison, "test only", 90, {}))
+def poison():
+    register("poison", PoisonConfig, Poison, "test only")
+    yield
+    unregister("poison")
 
 
 def _checkpoint(run: Path, step: int, name: str) -> dict[str, torch.Tensor]:

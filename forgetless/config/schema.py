@@ -1,0 +1,475 @@
+"""The schema: documented dataclasses that a YAML config mirrors.
+
+Every field is made with :func:`option`, which keeps its help text (and whether it is a path) in
+the field's metadata; ``docs/CONFIG.md`` is generated from it (:mod:`forgetless.config.reference`).
+The ``validate`` methods check what a single field's type cannot say (``metric`` names with
+:func:`check_metric`, which forgetless.eval.headline mirrors: the config may not import eval);
+turning YAML into these classes, with file:line errors, is :mod:`forgetless.config.loader`'s job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from forgetless.errors import ConfigError
+from forgetless.registry import check_combination
+
+PATH_NOTE = "(path: relative to the YAML file)"
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None, path: bool = False) -> Any:
+    """A dataclass field with a help text.
+
+    ``path=True`` marks a file or folder path (a string, or a list of them): the loader makes a
+    relative one absolute against the YAML file's folder, like a data path, and the reference
+    notes it with :data:`PATH_NOTE`.
+    """
+    metadata = {"help": help, "path": path}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# The built-in headline metrics a set's ``metric`` may name (forgetless.eval.headline maps each to
+# the result key that holds its value). Anything with a ':' is a user's scoring function.
+METRICS = ("exact_match", "token_accuracy", "loss", "perplexity", "multiple_choice", "multiple_choice_norm")
+
+
+def check_metric(metric: str, where: str) -> None:
+    """Raise a ConfigError naming ``where`` unless ``metric`` is a built-in name or ``X:function``."""
+    if metric in METRICS:
+        return
+    if ":" in metric:
+        source, _, function = metric.rpartition(":")
+        example = "e.g. metrics/score.py:accuracy or mypackage.metrics:accuracy"
+        if not source or not function.isidentifier():
+            raise ConfigError(f"{where}: {metric!r} is not FILE.py:FUNCTION or MODULE:FUNCTION ({example})")
+        if source.endswith(".py"):
+            if not os.path.isfile(source):
+                raise ConfigError(f"{where}: scoring file {source} not found; check the path (relative to the YAML file, or to the working directory in a key=value override)")
+        elif not all(part.isidentifier() for part in source.split(".")):
+            raise ConfigError(f"{where}: {source!r} is neither a .py file nor a module name ({example})")
+        return
+    close = difflib.get_close_matches(metric, list(METRICS), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(
+        f"{where}: unknown metric {metric!r}{hint}; use one of {', '.join(METRICS)}, "
+        f"or a scoring function as FILE.py:FUNCTION or MODULE:FUNCTION"
+    )
+
+
+def type_name(tp: Any) -> str:
+    """A field's type in words, for error messages and the reference."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(type_name(a) for a in args) + " or null"
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the built-in tiny Llama model (``model.name_or_path: tiny``)."""
+
+    hidden_size: int = option(128, "Width of the residual stream.")
+    num_layers: int = option(4, "Number of transformer blocks.")
+    num_heads: int = option(4, "Attention heads per block.")
+    num_kv_heads: int = option(2, "Key/value heads (grouped-query attention when fewer than heads).")
+    intermediate_size: int = option(352, "Width of the MLP's hidden layer.")
+    max_position_embeddings: int = option(512, "Longest sequence the model accepts.")
+
+    def validate(self, where: str) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"{where}.hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"{where}.num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to fine-tune and how to load it."""
+
+    name_or_path: str = option(
+        "tiny",
+        "A local model directory, a Hugging Face hub id, or 'tiny' for the built-in tiny random-init "
+        "Llama with its own tokenizer (offline).",
+    )
+    revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) to load.")
+    trust_remote_code: bool = option(False, "Allow the model's own Python code from the hub. Off unless you set it.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "float32",
+        "Dtype the weights are loaded and trained in; 'auto' keeps the checkpoint's. float32 with "
+        "train.mixed_precision=bf16 is the usual mixed-precision setup; bfloat16 trains in pure bf16.",
+    )
+    tiny: TinyModelConfig = option(factory=TinyModelConfig, help="Shape of the built-in tiny model.")
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset: a file, a hub id, or a shipped demo set."""
+
+    path: str = option(
+        "",
+        "A .jsonl/.json/.csv/.parquet/.txt file, a Hugging Face datasets hub id, or 'demo:NAME' for a "
+        "dataset shipped with forgetless (capitals, elements, currencies, general).",
+    )
+    split: str = option("train", "Split to read from a hub dataset.")
+    subset: Optional[str] = option(None, "Configuration name of a hub dataset.")
+    format: Literal["auto", "text", "prompt_completion", "messages", "multiple_choice"] = option(
+        "auto",
+        "Record format; 'auto' detects it from the fields of each record. multiple_choice records are "
+        "{question (or prompt), choices, answer (index or text)}.",
+    )
+    limit: Optional[int] = option(None, "Use only the first N records.")
+    metric: Optional[str] = option(
+        None,
+        "The set's headline 'score': exact_match, token_accuracy, loss, perplexity (lower is better), "
+        "multiple_choice (accuracy of the most likely choice, lm-eval acc), multiple_choice_norm (per-character "
+        "log-likelihood, lm-eval acc_norm), or a scoring function path/to/file.py:function (relative to the YAML) or "
+        "package.module:function, called as fn(predictions, references, records) -> float or dict with 'score'. "
+        "null = multiple_choice for multiple-choice data, else exact_match when eval.generation is on and the "
+        "records have prompts, else token_accuracy.",
+    )
+
+    def validate(self, where: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{where}.path is empty: give a data file, a hub dataset id or demo:NAME")
+        if self.limit is not None and self.limit <= 0:
+            raise ConfigError(f"{where}.limit must be a positive number of records, got {self.limit}")
+        if self.metric is not None:
+            check_metric(self.metric, f"{where}.metric")
+
+
+@dataclass
+class DataConfig:
+    """What to train on and what to measure."""
+
+    train: list[DatasetSpec] = option(
+        factory=list, help="Training data: one dataset or a list of them (concatenated)."
+    )
+    eval: dict[str, DatasetSpec] = option(
+        factory=dict,
+        help="Evaluation sets of the new task, by name. Scored before training, periodically, and at the end.",
+    )
+    keep: dict[str, DatasetSpec] = option(
+        factory=dict,
+        help="Sets the model must not forget (old tasks, general text), by name. Scored like eval sets; "
+        "the summary shows how much each one changed.",
+    )
+    eval_holdout: int = option(
+        0,
+        "When no eval set is given, hold out this many training records as the 'task' eval set "
+        "(0 = evaluate on the first records of the training data instead).",
+    )
+    max_length: int = option(512, "Longest tokenized sequence, prompt included.")
+    truncation: Literal["truncate", "drop"] = option(
+        "truncate", "What to do with longer sequences: cut them at max_length, or drop them. Both are counted."
+    )
+    completion_only_loss: bool = option(
+        True, "Train only on completion / assistant tokens. Off: train on the prompt too."
+    )
+    chat_template: Optional[str] = option(
+        None,
+        "Jinja chat template for 'messages' data when the tokenizer has none, or 'chatml' for the "
+        "ChatML template.",
+    )
+
+    def validate(self, where: str) -> None:
+        for i, spec in enumerate(self.train):
+            spec.validate(f"{where}.train[{i}]")
+        for group in ("eval", "keep"):
+            for name, spec in getattr(self, group).items():
+                spec.validate(f"{where}.{group}.{name}")
+        overlap = set(self.eval) & set(self.keep)
+        if overlap:
+            raise ConfigError(f"{where}: the name {sorted(overlap)[0]!r} is used in both data.eval and data.keep; rename one")
+        if self.max_length < 2:
+            raise ConfigError(f"{where}.max_length must be at least 2, got {self.max_length}")
+        if self.eval_holdout < 0:
+            raise ConfigError(f"{where}.eval_holdout must be >= 0, got {self.eval_holdout}")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation: batch, optimiser, schedule, precision."""
+
+    seed: int = option(42, "Seed of everything: model init, data order, dropout. Same seed, same run.")
+    epochs: float = option(1.0, "Passes over the training data (fractions allowed). Ignored when max_steps is set.")
+    max_steps: Optional[int] = option(None, "Stop after this many optimiser steps.")
+    micro_batch_size: int = option(8, "Sequences per forward pass on each process.")
+    grad_accum_steps: int = option(
+        1,
+        "Micro-batches accumulated per optimiser step. Global batch = micro_batch_size x grad_accum_steps "
+        "x processes. The loss is normalised by the target tokens of the whole global batch.",
+    )
+    lr: float = option(2e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = option(0.0, "AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    adam_eps: float = option(1e-8, "AdamW epsilon.")
+    scheduler: Literal["cosine", "linear", "constant"] = option(
+        "cosine", "Learning-rate decay after warmup."
+    )
+    warmup_ratio: float = option(0.03, "Share of the steps spent warming up linearly from 0.")
+    warmup_steps: Optional[int] = option(None, "Warmup steps; overrides warmup_ratio.")
+    max_grad_norm: Optional[float] = option(1.0, "Clip the global gradient norm to this; null disables clipping.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option(
+        "auto", "'auto' uses bf16 where the hardware supports it (a recent GPU) and full precision on CPU."
+    )
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
+    max_nonfinite_steps: Optional[int] = option(
+        10,
+        "A step whose loss or gradient is NaN/inf is skipped (no update; the schedule and the data still move on) "
+        "and logged; after this many such steps in a row the run stops with a checkpoint of its last finite state. "
+        "null = never stop.",
+    )
+
+    def validate(self, where: str) -> None:
+        if self.max_nonfinite_steps is not None and self.max_nonfinite_steps < 1:
+            raise ConfigError(f"{where}.max_nonfinite_steps must be at least 1 or null, got {self.max_nonfinite_steps}")
+        for name in ("micro_batch_size", "grad_accum_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"{where}.max_steps must be at least 1, got {self.max_steps}")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ConfigError(f"{where}.epochs must be positive, got {self.epochs}")
+        if self.lr < 0:
+            raise ConfigError(f"{where}.lr must be >= 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"{where}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"{where}.max_grad_norm must be positive or null, got {self.max_grad_norm}")
+
+
+@dataclass
+class HarnessConfig:
+    """lm-evaluation-harness tasks, scored on the in-memory model as sets named ``harness/<task>``."""
+
+    tasks: list[str] = option(
+        factory=list,
+        help="Task names of lm-evaluation-harness (built-in ones such as arc_easy need their data from the hub, "
+        "or its cache, and looking them up indexes lm-eval's whole task list, about half a minute), or of task "
+        "YAMLs under include_path. Empty = no harness evaluation.",
+    )
+    include_path: Optional[str] = option(
+        None, "A folder (or one file) of your own lm-eval task YAMLs, e.g. with dataset_path: json.", path=True
+    )
+    limit: Optional[int] = option(None, "Score at most this many documents per task (null = eval.max_examples).")
+    num_fewshot: Optional[int] = option(None, "Few-shot examples in every prompt (null = each task's own default, else 0).")
+    batch_size: Optional[int] = option(None, "Requests per forward pass (null = eval.batch_size).")
+    metric: Optional[str] = option(
+        None, "The lm-eval metric taken as each task's 'score' (e.g. acc_norm); null = the task's first metric."
+    )
+
+    def validate(self, where: str) -> None:
+        if not self.tasks:
+            return
+        for i, task in enumerate(self.tasks):
+            if not task.strip():
+                raise ConfigError(f"{where}.tasks[{i}] is empty; give an lm-eval task name")
+        if self.include_path is not None and not os.path.exists(self.include_path):
+            raise ConfigError(f"{where}.include_path {self.include_path}: not found; give a folder of task YAMLs")
+        for name in ("limit", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{where}.{name} must be at least 1 or null, got {value}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ConfigError(f"{where}.num_fewshot must be >= 0 or null, got {self.num_fewshot}")
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError(f"{where}.tasks needs lm-evaluation-harness, which is not installed: pip install 'forgetless[harness]'")
+
+
+@dataclass
+class EvalConfig:
+    """How evaluation sets are scored."""
+
+    before: bool = option(True, "Score every eval and keep set before the first step (the 'before' column).")
+    every_steps: int = option(0, "Also evaluate every N optimiser steps (0 = only before and after).")
+    batch_size: int = option(16, "Sequences per evaluation forward pass.")
+    max_examples: Optional[int] = option(256, "Score at most this many records per set (null = all).")
+    generation: bool = option(
+        True,
+        "Also greedy-decode prompt/completion and chat records and report normalised exact match. Sets whose "
+        "metric needs generations (exact_match, a scoring function) are decoded regardless, multiple-choice "
+        "records included.",
+    )
+    max_new_tokens: int = option(32, "Longest generation, in tokens.")
+    harness: HarnessConfig = option(
+        factory=HarnessConfig,
+        help="lm-evaluation-harness tasks scored before and after like keep sets (needs pip install 'forgetless[harness]').",
+    )
+
+    def validate(self, where: str) -> None:
+        if self.every_steps < 0:
+            raise ConfigError(f"{where}.every_steps must be >= 0, got {self.every_steps}")
+        if self.batch_size < 1:
+            raise ConfigError(f"{where}.batch_size must be at least 1, got {self.batch_size}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ConfigError(f"{where}.max_examples must be positive or null, got {self.max_examples}")
+        self.harness.validate(f"{where}.harness")
+
+
+@dataclass
+class OutputConfig:
+    """Where the run directory goes and what is logged."""
+
+    dir: str = option("runs/forgetless", "Run directory (created; refused if it holds a run, unless overwrite).")
+    overwrite: bool = option(False, "Replace an existing run directory.")
+    save_model: bool = option(True, "Save the final weights and tokenizer under DIR/model.")
+    log_every: int = option(10, "Write a metrics.jsonl record every N optimiser steps.")
+    progress: bool = option(True, "Show a progress bar.")
+    tensorboard: bool = option(False, "Also log to TensorBoard under DIR/tensorboard (needs tensorboard).")
+    wandb: bool = option(False, "Also log to Weights & Biases (needs wandb and a login).")
+    wandb_project: str = option("forgetless", "Weights & Biases project.")
+    resume: bool = option(
+        False,
+        "Continue the run in dir from its latest checkpoint (--resume), to the same final weights and metrics as "
+        "an uninterrupted run; the config must be the run's own. No checkpoint yet: start from the beginning; a "
+        "finished run is left as it is. Takes precedence over overwrite.",
+    )
+    checkpoint_every: int = option(
+        500,
+        "Write a checkpoint (weights, optimiser, schedule, RNG, data position, method state) every N optimiser "
+        "steps, and one after the last step, before the final evaluation. 0 = never (a crash restarts the run).",
+    )
+    keep_last: int = option(2, "Checkpoints kept while training; older ones are deleted.")
+    keep_checkpoints: bool = option(
+        False, "Keep the checkpoints once the run has finished (by default they are deleted: the run has its model/)."
+    )
+
+    def validate(self, where: str) -> None:
+        if self.log_every < 1:
+            raise ConfigError(f"{where}.log_every must be at least 1, got {self.log_every}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"{where}.checkpoint_every must be >= 0 (0 = no checkpoints), got {self.checkpoint_every}")
+        if self.keep_last < 1:
+            raise ConfigError(f"{where}.keep_last must be at least 1, got {self.keep_last}")
+
+
+@dataclass
+class TaskConfig:
+    """One task of a sequence (``tasks:``), trained in the order given."""
+
+    name: str = option("", "Short name of the task, used in tables, plots and folder names.")
+    train: list[DatasetSpec] = option(factory=list, help="Training data of the task: one dataset or a list (concatenated).")
+    eval: Optional[DatasetSpec] = option(
+        None, "Evaluation data of the task, scored after every task of the sequence; null = score the training data."
+    )
+    metric: Optional[str] = option(
+        None,
+        "Headline score of the task in the accuracy matrix (exact_match, token_accuracy, multiple_choice, a "
+        "user function ...; see DatasetSpec.metric); null = the eval data's own metric or its natural default.",
+    )
+    epochs: Optional[float] = option(None, "Passes over this task's data; null = train.epochs.")
+    max_steps: Optional[int] = option(None, "Optimiser steps on this task; null = train.max_steps.")
+
+    def validate(self, where: str) -> None:
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            raise ConfigError(f"{where}.name must be a non-empty name of letters, digits, '-', '_' or '.', got {self.name!r}")
+        if not self.train:
+            raise ConfigError(f"{where}.train is missing: give the task's training data")
+        for i, spec in enumerate(self.train):
+            spec.validate(f"{where}.train[{i}]")
+        if self.eval is not None:
+            self.eval.validate(f"{where}.eval")
+        elif len(self.train) > 1:
+            raise ConfigError(f"{where}.eval: the task trains on several datasets; say which one to score (eval: ...)")
+        if self.metric is not None:
+            check_metric(self.metric, f"{where}.metric")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"{where}.epochs must be positive, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"{where}.max_steps must be at least 1, got {self.max_steps}")
+
+
+@dataclass
+class ContinualConfig:
+    """How ``forgetless continual`` / ``compare`` run a task sequence."""
+
+    strategies: dict[str, Any] = option(
+        factory=dict,
+        help="For `compare`: strategies to run on the same tasks, data and seed, by name; each is a mapping of "
+        "config sections that override this file's (e.g. `ewc: {methods: {ewc: {weight: 100}}}`, "
+        "`plain: {methods: {}}`). A strategy's `methods` replaces the file's methods; other sections merge key "
+        "by key. Empty = one strategy: this file's own methods.",
+    )
+    baselines: list[Literal["sequential", "joint"]] = option(
+        factory=list,
+        help="Reference runs on the same data and budget: 'sequential' (plain full fine-tuning task after task, the "
+        "lower bound) and 'joint' (one run on all tasks' data at once, the usual upper bound).",
+    )
+    isolate: bool = option(
+        True,
+        "Run each strategy in its own process, so its peak memory and any failure are its own.",
+    )
+
+
+class MethodConfigs(dict):
+    """``methods:`` maps a method name to its config dataclass (see forgetless/methods)."""
+
+
+@dataclass
+class RunConfig:
+    """One fine-tuning run."""
+
+    model: ModelConfig = option(factory=ModelConfig, help="The model to fine-tune.")
+    data: DataConfig = option(factory=DataConfig, help="Training and evaluation data.")
+    train: TrainConfig = option(factory=TrainConfig, help="Optimisation.")
+    eval: EvalConfig = option(factory=EvalConfig, help="Evaluation.")
+    output: OutputConfig = option(factory=OutputConfig, help="Run directory and logging.")
+    methods: MethodConfigs = option(
+        factory=MethodConfigs,
+        help="Anti-forgetting methods to combine, by name, each with its options (see the methods "
+        "reference below); e.g. `methods: {lora: {r: 8}, kl: {weight: 1.0}}`. Empty = plain fine-tuning.",
+    )
+    tasks: list[TaskConfig] = option(
+        factory=list,
+        help="A sequence of tasks for `forgetless continual` / `compare` (each: name, train, eval, metric). The "
+        "model is trained on them in order; after each task every task and every data.keep set is scored. "
+        "Leave data.train empty when tasks are given.",
+    )
+    continual: ContinualConfig = option(factory=ContinualConfig, help="Task sequences: strategies and baselines.")
+
+    def validate(self) -> None:
+        self.model.tiny.validate("model.tiny")
+        self.data.validate("data")
+        self.train.validate("train")
+        self.eval.validate("eval")
+        self.output.validate("output")
+        if self.tasks:
+            if self.data.train:
+                raise ConfigError("data.train and tasks are both set: a task sequence takes its training data from tasks[].train; remove data.train")
+            names = [t.name for t in self.tasks]
+            for i, task in enumerate(self.tasks):
+                task.validate(f"tasks[{i}]")
+                if names.count(task.name) > 1:
+                    raise ConfigError(f"tasks[{i}].name: {task.name!r} is used twice; give every task its own name")
+                if task.name in self.data.keep:
+                    raise ConfigError(f"tasks[{i}].name: {task.name!r} is also a data.keep set; rename one")
+        elif not self.data.train:
+            raise ConfigError("data.train is missing: give the training data, e.g. data.train=path/to/train.jsonl")
+        elif self.continual.strategies or self.continual.baselines:
+            raise ConfigError("continual.strategies / continual.baselines need a task sequence: add tasks: [...]")
+        for name, mcfg in self.methods.items():
+            if self.tasks and hasattr(mcfg, "validate_in_sequence"):
+                mcfg.validate_in_sequence(f"methods.{name}")  # parts a task sequence fills in (e.g. replay's memory)
+            elif hasattr(mcfg, "validate"):
+                mcfg.validate(f"methods.{name}")
+        check_combination(self.methods)

@@ -1,0 +1,142 @@
+"""A method written outside the package (here, in this test file) runs end to end: a training run,
+a two-task sequence that carries its state from task to task, an exact resume, and the report.
+No file of the package names it: registering it is all it takes (docs/ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+import yaml
+
+import forgetless
+from forgetless.config import option
+from forgetless.methods.base import Context, Method, TaskLink
+from forgetless.registry import REGULARIZE, STARTS_AT_BASE, register, unregister
+from tests.conftest import FAST_MODEL, PC_RECORDS, write_jsonl
+from tests.resume.conftest import assert_same_run, killed, resume, train
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+STATE_FILE = "anchor_tasks.json"
+CHILD = "FORGETLESS_TEST_REGISTER_PULL"
+
+
+@dataclass
+class PullConfig:
+    """A pull toward the weights each run starts from, counting the tasks it has protected."""
+
+    weight: float = option(0.5, "Multiplier of the squared distance to the start weights.")
+    previous: Optional[str] = option(None, "The run directory of the previous task (set by next_task).")
+
+
+class Pull(Method):
+    name = "pull"
+
+    def __init__(self, cfg: PullConfig):
+        self.cfg = cfg
+        self.params: list[torch.nn.Parameter] = []
+        self.anchors: list[torch.Tensor] = []
+        self.tasks = 0
+
+    def before_train(self, model, ctx: Context) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.anchors = [p.detach().clone() for p in self.params]
+        earlier = 0
+        if self.cfg.previous is not None:
+            earlier = json.loads((Path(self.cfg.previous) / STATE_FILE).read_text())["tasks"]
+        self.tasks = earlier + 1
+
+    def step_terms(self, model) -> dict[str, torch.Tensor]:
+        return {"pull": self.cfg.weight * sum(((p - a) ** 2).sum() for p, a in zip(self.params, self.anchors))}
+
+    def after_train(self, model, ctx: Context) -> None:
+        ctx.save_artifact(STATE_FILE, lambda path: path.write_text(json.dumps({"tasks": self.tasks})))
+
+    def state_dict(self) -> dict:
+        return {"tasks": self.tasks, **{f"anchor.{i}": a for i, a in enumerate(self.anchors)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tasks = int(state["tasks"])
+        self.anchors = [state[f"anchor.{i}"] for i in range(len(self.params))]
+
+    def describe(self) -> dict:
+        return {"tasks": self.tasks, "weight": self.cfg.weight}
+
+    @classmethod
+    def next_task(cls, options: PullConfig, link: TaskLink) -> PullConfig:
+        if link.previous is not None:
+            options.previous = str(link.previous)
+        return options
+
+
+def _register() -> None:
+    register("pull", PullConfig, Pull, "Test: a pull toward the start weights.", phase=REGULARIZE, provides={STARTS_AT_BASE: ""})
+
+
+if os.environ.get(CHILD):
+    # An isolated strategy runs in a child process, which imports the module that registered each
+    # outside method (forgetless passes it --import); a user's module registers at import, this
+    # test module only when the test that starts such a child asks it to.
+    _register()
+
+
+@pytest.fixture(autouse=True)
+def pull():
+    _register()
+    yield
+    unregister("pull")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pc.jsonl", PC_RECORDS)
+
+
+def test_register_refuses_a_taken_name():
+    with pytest.raises(ValueError, match="already registered"):
+        register("pull", PullConfig, Pull, "again")
+    with pytest.raises(ValueError, match="prefix 'lora_x' clashes with 'lora'"):
+        register("other", PullConfig, Pull, "clash", prefix="lora_x")
+
+
+def test_trains_and_resumes_exactly(tmp_path, data):
+    out = tmp_path / "run"
+    result = train(out, data, "methods.pull.weight=0.5")
+    assert result.train["methods"]["pull"] == {"tasks": 1, "weight": 0.5}
+    assert json.loads((out / STATE_FILE).read_text()) == {"tasks": 1}
+    terms = [json.loads(line)["terms"]["pull"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"terms"' in line]
+    assert terms[0] == 0.0 and terms[-1] > 0  # zero at the start, then a real pull
+
+    broken = tmp_path / "broken"
+    assert killed(broken, data, "step:5", "methods.pull.weight=0.5") == 137
+    resume(broken, data, "methods.pull.weight=0.5")
+    assert_same_run(out, broken)
+
+
+def test_a_sequence_carries_its_state_and_reports(tmp_path, data, monkeypatch):
+    monkeypatch.setenv(CHILD, "1")  # each strategy runs in a child process (continual.isolate)
+    config = {
+        "model": {"name_or_path": "tiny", "tiny": {k.split(".")[-1]: int(v) for k, v in (o.split("=") for o in FAST_MODEL) if k.startswith("model.tiny.")}},
+        "tasks": [{"name": "first", "train": str(data), "max_steps": 2}, {"name": "second", "train": str(data), "max_steps": 2}],
+        "data": {"max_length": 64},
+        "train": {"micro_batch_size": 4, "lr": 1e-3},
+        "eval": {"max_examples": 4, "generation": False},
+        "output": {"dir": str(tmp_path / "seq"), "progress": False},
+        "methods": {"pull": {"weight": 0.25}},
+    }
+    path = tmp_path / "sequence.yaml"
+    path.write_text(yaml.safe_dump(config))
+    seq = forgetless.run_sequence(forgetless.load_config(str(path)))
+    (name,) = seq.results["strategies"]
+    runs = sorted((tmp_path / "seq" / name).glob("task-*"))
+    second = json.loads((runs[1] / "summary.json").read_text())
+    assert second["train"]["methods"]["pull"]["tasks"] == 2  # task 2 read task 1's file through next_task
+    saved = yaml.safe_load((runs[1] / "config.yaml").read_text())
+    assert Path(saved["methods"]["pull"]["previous"]) == runs[0]
+    assert (tmp_path / "seq" / "report.html").is_file() and "pull" in (tmp_path / "seq" / "results.json").read_text()
