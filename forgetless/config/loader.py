@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import importlib
+import importlib.util
 import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -188,6 +192,51 @@ def _build(cls: type, value: Any, key: str, src: _Source, base_dir: Path) -> Any
     return cls(**kwargs)
 
 
+PLUGIN_MODULE_PREFIX = "forgetless_plugin_"  # module names of plugin files (config.plugins)
+
+
+def import_plugins(entries: Any, key: str, src: "_Source", base_dir: Path) -> list[str]:
+    """Import each plugin (a ``.py`` file, resolved against ``base_dir``, or a module name) once;
+    returns the entries with the files' paths made absolute. Importing registers their methods."""
+    if isinstance(entries, str):
+        entries = [entries]
+    if not isinstance(entries, list) or not all(isinstance(e, str) and e.strip() for e in entries):
+        raise ConfigError(f"{src.where(key)}: expected a list of Python files or module names, e.g. [my_methods.py]")
+    resolved = []
+    for i, entry in enumerate(entries):
+        where = f"{src.where(key)}[{i}]"
+        if entry.endswith(".py"):
+            path = Path(entry).expanduser()
+            path = (path if path.is_absolute() else base_dir / path).resolve()
+            if not path.is_file():
+                raise ConfigError(f"{where}: plugin file {entry} not found (relative to {base_dir}); check the path")
+            name = PLUGIN_MODULE_PREFIX + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+            entry = str(path)
+            load = lambda: _exec_file(name, path)  # noqa: E731
+        else:
+            name = entry
+            load = lambda: importlib.import_module(name)  # noqa: E731
+        resolved.append(entry)
+        if name in sys.modules:  # imported (and its methods registered) already
+            continue
+        try:
+            load()
+        except ConfigError:
+            raise
+        except Exception as e:  # the user's code: any error, reported in one line
+            sys.modules.pop(name, None)
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise ConfigError(f"{where}: importing {entry} failed: {type(e).__name__}: {first}") from None
+    return resolved
+
+
+def _exec_file(name: str, path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
 def _resolve_path_option(value: Any, base_dir: Path, in_file: bool) -> Any:
     """A ``path=True`` option's value (a path, a list of paths, or None) with relative paths resolved.
 
@@ -283,10 +332,16 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
         data = loaded
         base_dir = p.resolve().parent
     src = _Source(file, lines)
+    parsed = parse_overrides(overrides) if overrides else []
+    # Plugins first: they register the methods that `methods:` (in the file or an override) may name.
+    if "plugins" in data:
+        data["plugins"] = import_plugins(data["plugins"], "plugins", src, base_dir)
+    for key, value in parsed:
+        if key == "plugins":
+            import_plugins(value, "override plugins", _Source(None, {}), Path.cwd())
     cfg = _build(RunConfig, data, "", src, base_dir)
-    if overrides:
-        for key, value in parse_overrides(overrides):
-            cfg = _apply_override(cfg, key, value)
+    for key, value in parsed:
+        cfg = _apply_override(cfg, key, value)
     cfg.validate()
     for name in list(cfg.continual.strategies):
         cfg.continual.strategies[name] = _resolve_strategy(cfg, name, src, base_dir)
@@ -346,6 +401,8 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 def config_from_dict(data: dict) -> RunConfig:
     """A validated RunConfig from a plain dict such as ``to_dict`` gives (paths already resolved)."""
+    if data.get("plugins"):
+        import_plugins(data["plugins"], "plugins", _Source(None, {}), Path.cwd())
     cfg = _build(RunConfig, data, "", _Source(None, {}), Path.cwd())
     cfg.validate()
     return cfg
@@ -358,7 +415,7 @@ def strategy_configs(cfg: RunConfig) -> dict[str, RunConfig]:
     out = {}
     for name, sections in cfg.continual.strategies.items():
         built = _build(RunConfig, dict(sections), "", _Source(None, {}), Path.cwd())
-        built.tasks = cfg.tasks
+        built.tasks, built.plugins = cfg.tasks, list(cfg.plugins)
         out[name] = built
     return out
 

@@ -429,6 +429,12 @@ class MethodConfigs(dict):
 class RunConfig:
     """One fine-tuning run."""
 
+    plugins: list[str] = option(
+        factory=list,
+        help="Your own methods: Python files (`my_methods.py`, relative to the YAML file) or module names "
+        "(`mypkg.methods`) imported before `methods:` is read; each registers its methods when imported "
+        "(forgetless.registry.register, see docs/ARCHITECTURE.md). Their code runs like any Python import.",
+    )
     model: ModelConfig = option(factory=ModelConfig, help="The model to fine-tune.")
     data: DataConfig = option(factory=DataConfig, help="Training and evaluation data.")
     train: TrainConfig = option(factory=TrainConfig, help="Optimisation.")

@@ -49,6 +49,7 @@ from typing import Any, Optional
 import torch
 import yaml
 
+from forgetless.config.loader import PLUGIN_MODULE_PREFIX
 from forgetless.config import (
     ContinualConfig,
     DatasetSpec,
@@ -381,7 +382,9 @@ def _run_isolated(scfg: RunConfig, name: str, out: Path, baseline: Optional[str]
     # The child gets the config itself on stdin, so no secret it may hold is written anywhere.
     cmd = [sys.executable, "-m", "forgetless.recipes.continual", "-", str(out), name]
     for module in sorted({REGISTRY[m].build.__module__ for m in scfg.methods} - {None}):
-        if not module.startswith("forgetless."):  # a method registered outside the package: the child imports it too
+        # a method registered outside the package and outside config.plugins (which the child imports
+        # itself): the child imports the module that registered it
+        if not module.startswith(("forgetless.", PLUGIN_MODULE_PREFIX)):
             cmd += ["--import", module]
     if baseline:
         cmd += ["--baseline", baseline]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -140,3 +141,76 @@ def test_a_sequence_carries_its_state_and_reports(tmp_path, data, monkeypatch):
     saved = yaml.safe_load((runs[1] / "config.yaml").read_text())
     assert Path(saved["methods"]["pull"]["previous"]) == runs[0]
     assert (tmp_path / "seq" / "report.html").is_file() and "pull" in (tmp_path / "seq" / "results.json").read_text()
+
+
+PLUGIN = '''"""A user's own method, in a file of its own: the config's plugins: list imports it."""
+from dataclasses import dataclass
+
+from forgetless.config import option
+from forgetless.methods.base import Method
+from forgetless.registry import register
+
+
+@dataclass
+class ShrinkConfig:
+    """A pull of the weights toward zero."""
+
+    weight: float = option(0.001, "Multiplier of the sum of squared weights.")
+
+
+class Shrink(Method):
+    name = "shrink"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def before_train(self, model, ctx):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def step_terms(self, model):
+        return {"shrink": self.cfg.weight * sum((p ** 2).sum() for p in self.params)}
+
+    def describe(self):
+        return {"weight": self.cfg.weight}
+
+
+register("shrink", ShrinkConfig, Shrink, "A user's method: pull the weights toward zero.")
+'''
+
+
+@pytest.fixture
+def plugin_file(tmp_path):
+    (tmp_path / "my_methods.py").write_text(PLUGIN)
+    yield tmp_path / "my_methods.py"
+    unregister("shrink")
+    for name in [n for n in sys.modules if n.startswith("forgetless_plugin_")]:
+        del sys.modules[name]
+
+
+def test_the_cli_runs_a_method_from_a_plugin_file(tmp_path, data, plugin_file, capsys):
+    from forgetless.cli import main
+
+    tiny = {k.split(".")[-1]: int(v) for k, v in (o.split("=") for o in FAST_MODEL) if k.startswith("model.tiny.")}
+    common = {"model": {"name_or_path": "tiny", "tiny": tiny}, "data": {"max_length": 64}, "train": {"micro_batch_size": 4},
+              "eval": {"max_examples": 4, "generation": False}, "output": {"progress": False}}
+    run = {**common, "plugins": ["my_methods.py"], "data": {"max_length": 64, "train": str(data)}, "train": {"micro_batch_size": 4, "max_steps": 2},
+           "output": {"progress": False, "dir": str(tmp_path / "run")}, "methods": {"shrink": {"weight": 0.002}}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["train"]["methods"]["shrink"] == {"weight": 0.002}
+
+    # a comparison runs each strategy in a child process, which imports the plugin through the config
+    seq = {**common, "plugins": ["my_methods.py"], "output": {"progress": False, "dir": str(tmp_path / "seq")},
+           "tasks": [{"name": "only", "train": str(data), "max_steps": 2}],
+           "continual": {"strategies": {"plain": {"methods": {}}, "shrink": {"methods": {"shrink": {}}}}}}
+    (tmp_path / "seq.yaml").write_text(yaml.safe_dump(seq))
+    assert main(["compare", str(tmp_path / "seq.yaml")]) == 0
+    results = json.loads((tmp_path / "seq" / "results.json").read_text())
+    assert set(results["strategies"]) == {"plain", "shrink"}
+
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**run, "plugins": ["missing.py"]}))
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "plugins[0]: plugin file missing.py not found" in err and "bad.yaml" in err
