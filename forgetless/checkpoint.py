@@ -483,6 +483,8 @@ def check_same_config(saved_path: Path, cfg) -> None:
     for key in [*b, *(k for k in a if k not in b)]:
         if key in RESUME_MAY_CHANGE or a.get(key, "<unset>") == b.get(key, "<unset>"):
             continue
+        if key not in a and b[key] in (None, [], {}):  # an option added since the run started, left at its default
+            continue
         raise ConfigError(
             f"output.resume: {key} is {a.get(key, '<unset>')!r} in the run's config.yaml but {b.get(key, '<unset>')!r} now; "
             f"resume with the run's config ({saved_path}), or start a new run (another output.dir, or --overwrite)"

@@ -71,7 +71,12 @@ class Registry(Mapping[str, MethodSpec]):
 
     def _load(self) -> None:
         while self._sources:
-            self._sources.pop(0)()
+            load = self._sources.pop(0)  # popped first: a source that registers methods reads the registry
+            try:
+                load()
+            except BaseException:
+                self._sources.insert(0, load)  # not half-loaded for good: the next read tries again
+                raise
 
     def __getitem__(self, name: str) -> MethodSpec:
         self._load()
@@ -114,6 +119,7 @@ def register(
 ) -> MethodSpec:
     """Make a method available as ``methods.NAME``. A name already taken is refused, and so is a parameter
     prefix that another method could add in the same run (two adapter methods never share a run)."""
+    REGISTRY._load()  # the built-in methods first, so that a taken name or prefix is refused whoever comes first
     if not name.isidentifier():
         raise ValueError(f"method name {name!r} must be a Python identifier (it is a config key)")
     if name in REGISTRY._specs:
@@ -132,6 +138,8 @@ def register(
             for theirs in other.prefix:
                 if mine.startswith(theirs) or theirs.startswith(mine):
                     raise ValueError(f"method {name!r}: parameter prefix {mine!r} clashes with {other.name!r}'s {theirs!r}")
+    if getattr(build, "name", name) != name:
+        raise ValueError(f"method {name!r}: its class says name = {build.name!r}; use the same name in both")
     spec = MethodSpec(name, config, build, summary, phase, provides, prefix)
     REGISTRY._specs[name] = spec
     return spec
@@ -150,11 +158,7 @@ def ordered(names) -> list[MethodSpec]:
 def _conflict(a: MethodSpec, b: MethodSpec) -> Optional[str]:
     """Why ``a`` cannot run with ``b`` (None when they can), derived from what each provides."""
     if a.has(ADAPTER) and b.has(ADAPTER):
-        why = a.provides[ADAPTER] or (
-            "each puts its own adapters on the model, and a run saves one kind of adapter; use one of them, or train "
-            "with one, merge it (forgetless merge) and train the other on the merged model"
-        )
-        return why
+        return a.provides[ADAPTER] or b.provides[ADAPTER] or "each puts its own adapters on the model, and a run saves one kind of adapter; use one of them"
     if a.has(FREEZES_BASE) and b.has(SELECTS_WEIGHTS):
         return a.provides[FREEZES_BASE] or f"{a.name} freezes every base weight itself, so {b.name}'s choice would be silently overridden"
     return None

@@ -195,16 +195,17 @@ def _build(cls: type, value: Any, key: str, src: _Source, base_dir: Path) -> Any
 PLUGIN_MODULE_PREFIX = "forgetless_plugin_"  # module names of plugin files (config.plugins)
 
 
-def import_plugins(entries: Any, key: str, src: "_Source", base_dir: Path) -> list[str]:
+def import_plugins(entries: Any, key: str, src: Optional["_Source"], base_dir: Path) -> list[str]:
     """Import each plugin (a ``.py`` file, resolved against ``base_dir``, or a module name) once;
     returns the entries with the files' paths made absolute. Importing registers their methods."""
+    src = src or _Source(None, {})
     if isinstance(entries, str):
         entries = [entries]
     if not isinstance(entries, list) or not all(isinstance(e, str) and e.strip() for e in entries):
         raise ConfigError(f"{src.where(key)}: expected a list of Python files or module names, e.g. [my_methods.py]")
     resolved = []
     for i, entry in enumerate(entries):
-        where = f"{src.where(key)}[{i}]"
+        where = src.where(f"{key}[{i}]")
         if entry.endswith(".py"):
             path = Path(entry).expanduser()
             path = (path if path.is_absolute() else base_dir / path).resolve()
@@ -336,9 +337,8 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
     # Plugins first: they register the methods that `methods:` (in the file or an override) may name.
     if "plugins" in data:
         data["plugins"] = import_plugins(data["plugins"], "plugins", src, base_dir)
-    for key, value in parsed:
-        if key == "plugins":
-            import_plugins(value, "override plugins", _Source(None, {}), Path.cwd())
+    # An override replaces the file's list; it is saved resolved, so children and resumes import the same files.
+    parsed = [(k, import_plugins(v, "override plugins", _Source(None, {}), Path.cwd()) if k == "plugins" else v) for k, v in parsed]
     cfg = _build(RunConfig, data, "", src, base_dir)
     for key, value in parsed:
         cfg = _apply_override(cfg, key, value)

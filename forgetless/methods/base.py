@@ -35,7 +35,9 @@ and, between the tasks of a sequence (forgetless/recipes/continual.py)::
                                                leaves the method out of that task (say why with
                                                ``link.note``)
 
-(``model`` in the batch hooks is unwrapped from DDP; the recipe runs the forward passes itself.)
+(``model`` in the batch hooks is unwrapped from DDP; the recipe runs the forward passes itself.
+A term hook returns the same names on every call, zero-valued terms included: the recipe reduces
+the terms of all processes in one tensor.)
 A method *returns* named loss terms instead of adding to a shared loss, so every term is logged
 (``metrics.jsonl``: ``terms``) and can be tested on its own. The defaults below do nothing; a
 method overrides only the hooks it needs. Methods see a narrow :class:`Context`, never the run's

@@ -56,8 +56,8 @@ class KLConfig:
     temperature: float = option(1.0, "Softmax temperature T of both distributions; the term is scaled by T² (Hinton).")
     data: Optional[DatasetSpec] = option(
         None,
-        "'train' or null: KL on the training batch. A dataset (old-task or general data): KL on a micro-batch "
-        "of it per training micro-batch (extra forward passes), scaled to the same per-token mean.",
+        "'train' or null: KL on the training batch. A dataset (old-task or general data): every step, a batch "
+        "of it as large as the training batch (extra forward passes), the KL averaged over its positions.",
     )
     positions: Literal["targets", "all"] = option(
         "targets", "'targets': positions that predict a target token; 'all': every position that predicts a non-pad token."

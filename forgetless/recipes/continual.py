@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -49,7 +50,7 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from forgetless.config.loader import PLUGIN_MODULE_PREFIX
+from forgetless.config.loader import PLUGIN_MODULE_PREFIX, import_plugins
 from forgetless.config import (
     ContinualConfig,
     DatasetSpec,
@@ -66,7 +67,7 @@ from forgetless.errors import ConfigError, UserError
 from forgetless.eval import metrics as M
 from forgetless.files import CONFIG_FILE, RESULTS_FILE, STRATEGY_CONFIG, STRATEGY_FILE, SUMMARY_FILE, write_text_atomic
 from forgetless.eval.headline import higher_is_better
-from forgetless.methods import REGISTRY, TaskLink
+from forgetless.methods import REGISTRY, Method, TaskLink
 from forgetless.registry import KEEPS_BASE, ordered
 from forgetless.report import write_report
 from forgetless.report.tables import strategy_metrics
@@ -118,11 +119,14 @@ def task_run_config(scfg: RunConfig, t: int, out: Path, previous: Optional[Path]
     c.output.dir = str(out / task_dir_name(t, task.name))
     c.output.save_model = True  # the next task starts from it
     # Each method says what the next task's run takes from the previous run (Method.next_task).
-    link = TaskLink(t, previous, copy.deepcopy(tasks[t - 2].train) if t >= 2 else [])
+    # Absolute: the options it fills in are saved in the task's config.yaml, whose relative paths
+    # are read relative to that file.
+    link = TaskLink(t, previous.resolve() if previous is not None else None, copy.deepcopy(tasks[t - 2].train) if t >= 2 else [])
     if previous is not None and not any(REGISTRY[name].has(KEEPS_BASE) for name in c.methods):
         c.model.name_or_path = str(previous)
     for spec in ordered(list(c.methods)):
-        options = spec.build.next_task(c.methods[spec.name], dataclasses.replace(link, previous_train=copy.deepcopy(link.previous_train)))
+        next_task = getattr(spec.build, "next_task", Method.next_task)  # build may be a plain factory function
+        options = next_task(c.methods[spec.name], dataclasses.replace(link, previous_train=copy.deepcopy(link.previous_train)))
         if options is None:
             del c.methods[spec.name]
         else:
@@ -381,11 +385,7 @@ def _run_isolated(scfg: RunConfig, name: str, out: Path, baseline: Optional[str]
     save_config(scfg, sdir / STRATEGY_CONFIG)  # for the user to read (secrets redacted)
     # The child gets the config itself on stdin, so no secret it may hold is written anywhere.
     cmd = [sys.executable, "-m", "forgetless.recipes.continual", "-", str(out), name]
-    for module in sorted({REGISTRY[m].build.__module__ for m in scfg.methods} - {None}):
-        # a method registered outside the package and outside config.plugins (which the child imports
-        # itself): the child imports the module that registered it
-        if not module.startswith(("forgetless.", PLUGIN_MODULE_PREFIX)):
-            cmd += ["--import", module]
+    cmd += _outside_modules(scfg)
     if baseline:
         cmd += ["--baseline", baseline]
     if resume:
@@ -394,6 +394,27 @@ def _run_isolated(scfg: RunConfig, name: str, out: Path, baseline: Optional[str]
     if code != 0 or not (sdir / STRATEGY_FILE).is_file():
         raise UserError(f"strategy {name!r} failed (exit code {code}; its error is above); fix it and run again with --resume")
     return json.loads((sdir / STRATEGY_FILE).read_text(encoding="utf-8"))
+
+
+def _outside_modules(scfg: RunConfig) -> list[str]:
+    """Child arguments that import the modules registering the strategy's methods from outside the
+    package (other than config.plugins, which the child imports itself): by name where the child can
+    import it by name, else by file (e.g. a user's script, ``__main__``)."""
+    args = []
+    for name in sorted(scfg.methods):
+        module = getattr(REGISTRY[name].build, "__module__", None)
+        if module is None or module.startswith(("forgetless.", PLUGIN_MODULE_PREFIX)):
+            continue
+        loaded = sys.modules.get(module)
+        file = getattr(loaded, "__file__", None)
+        if module != "__main__" and importlib.util.find_spec(module) is not None:
+            args += ["--import", module]
+        elif file:
+            args += ["--import-file", file]
+        else:
+            raise UserError(f"methods.{name}: registered in {module}, which a strategy's child process cannot import; "
+                            f"put the method in a file and list it under plugins:, or set continual.isolate=false")
+    return list(dict.fromkeys(args))  # each module once, keeping pairs: flags and values alternate
 
 
 def _version() -> str:
@@ -415,11 +436,14 @@ def _child(argv: list[str]) -> int:
     p.add_argument("--baseline")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--import", dest="imports", action="append", default=[], help="a module that registers methods when imported")
+    p.add_argument("--import-file", dest="files", action="append", default=[], help="a Python file that registers methods when imported")
     args = p.parse_args(argv)
     quiet_libraries()
     try:
         for module in args.imports:
             importlib.import_module(module)
+        if args.files:
+            import_plugins(args.files, "plugins", None, Path.cwd())
         cfg = config_from_dict(yaml.safe_load(sys.stdin.read())) if args.config == "-" else load_config(args.config)
         run_strategy(cfg, args.name, Path(args.out), args.baseline, args.resume)
     except UserError as e:

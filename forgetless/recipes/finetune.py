@@ -279,8 +279,13 @@ def _setup(cfg: RunConfig, accelerator, trackers: list[str], ckpt: Optional[Chec
     if extra_share >= 1:
         raise ConfigError(f"methods: mixed-in data takes {extra_share:.0%} of every batch, leaving nothing for the task; lower the ratios")
     sources[0].weight = 1.0 - extra_share
-    paired_sources = [(m, m.paired_data(ctx)) for m in methods]
-    paired_sources = [(m, Source(m.name, examples, 1.0)) for m, examples in paired_sources if examples is not None]
+    paired_sources = []
+    for m in methods:
+        examples = m.paired_data(ctx)
+        if examples is not None and not examples:
+            raise UserError(f"methods.{m.name}: its data has no usable examples; check the dataset it names")
+        if examples is not None:
+            paired_sources.append((m, Source(m.name, examples, 1.0)))
     trainable, total_params = count_parameters(model)
     if trainable == 0:
         raise ConfigError("no trainable parameters: the configuration froze the whole model")
@@ -440,9 +445,9 @@ def _step(run: Run, step: int) -> StepOutcome:
     grad_norm = _grad_norm(run.model, acc, t.max_grad_norm)
     # One reduction: every process's summed terms, and whether any process saw a non-finite gradient.
     flag = torch.tensor(0.0 if math.isfinite(grad_norm) else 1.0, dtype=torch.float64)
-    reduced = _reduce_sum(acc, torch.stack([*sums.values(), *(v for v, _ in paired_sums.values()), flag])).tolist()
+    reduced = _reduce_sum(acc, torch.stack([*sums.values(), *paired_sums.values(), flag])).tolist()
     means = {k: v / max(global_targets, 1) for k, v in zip(sums, reduced)}
-    for (name, (_, owner)), v in zip(paired_sums.items(), reduced[len(sums):]):
+    for (owner, name), v in zip(paired_sums, reduced[len(sums):]):
         means[name] = means.get(name, 0.0) + v / max(counts[1 + owner], 1)
     bad_loss = not all(math.isfinite(v) for v in [*reduced[:-1], *step_terms.values()])
     problem = "non-finite loss" if bad_loss else ("non-finite grad" if reduced[-1] > 0 else None)
@@ -590,7 +595,9 @@ def forward_backward(model, micro_batches: list[dict], accelerator, scale: float
     Gradients are synchronised across processes only on the last micro-batch.
 
     Returns this process's sums: ``{"lm": ..., <batch term>: ..., "step_terms": {name: value},
-    "paired": {name: (sum, index of its entry in paired)}}``.
+    "paired": {(index of its entry in paired, name): sum}}``. Every process must return the same
+    term names (a method returns each of its terms on every call, zero included): the sums are
+    reduced across processes in one tensor.
     """
     sums: dict = {"lm": torch.zeros((), dtype=torch.float64)}
     step_values: dict[str, float] = {}
@@ -614,8 +621,8 @@ def forward_backward(model, micro_batches: list[dict], accelerator, scale: float
                 total = logits.sum() * 0.0
                 for name, value in paired[owner][0].paired_terms(plain, b, logits).items():
                     total = total + value
-                    previous = paired_sums.get(name, (torch.zeros((), dtype=torch.float64), owner))[0]
-                    paired_sums[name] = (previous + value.detach().double().cpu(), owner)
+                    key = (owner, name)
+                    paired_sums[key] = paired_sums.get(key, torch.zeros((), dtype=torch.float64)) + value.detach().double().cpu()
             total = total * job_scale
             if last:
                 for m in methods:

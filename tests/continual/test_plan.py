@@ -104,3 +104,14 @@ def test_sequence_config_errors(tmp_path):
         plan(_cfg(tmp_path), compare=True)
     with pytest.raises(ConfigError, match="need a task sequence"):
         load_config(None, ["data.train=demo:capitals", "continual.baselines=[joint]"])
+
+
+def test_carried_run_directories_are_absolute(tmp_path, monkeypatch):
+    """A task's config.yaml names the previous run; relative paths in it would be read relative to the file."""
+    from forgetless.config import load_config
+    from forgetless.recipes.continual import task_run_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["tasks=[{name: a, train: demo:capitals}, {name: b, train: demo:elements}]", "methods.expansion=true"])
+    c2, _ = task_run_config(cfg, 2, Path("out"), Path("out/task-1-a"))
+    assert c2.methods["expansion"].previous == str(tmp_path / "out" / "task-1-a")

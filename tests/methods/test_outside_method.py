@@ -214,3 +214,66 @@ def test_the_cli_runs_a_method_from_a_plugin_file(tmp_path, data, plugin_file, c
     assert main(["train", str(tmp_path / "bad.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "plugins[0]: plugin file missing.py not found" in err and "bad.yaml" in err
+
+
+SCRIPT = '''"""A user's script: a method registered in __main__, then a comparison whose strategies run in child processes."""
+import sys
+from dataclasses import dataclass
+
+import forgetless
+from forgetless.config import option
+from forgetless.methods.base import Method
+from forgetless.registry import register
+
+
+@dataclass
+class NoopConfig:
+    """Nothing at all."""
+
+    weight: float = option(0.0, "Unused.")
+
+
+class Noop(Method):
+    name = "noop"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def describe(self):
+        return {"registered_in": __name__}
+
+
+register("noop", NoopConfig, Noop, "A method registered in a user's script.")
+
+if __name__ == "__main__":
+    seq = forgetless.run_sequence(forgetless.load_config(sys.argv[1]), compare=True)
+    print(sorted(seq.results["strategies"]))
+'''
+
+
+def test_a_method_registered_in_a_script_reaches_the_child_processes(tmp_path, data):
+    import subprocess
+
+    tiny = {k.split(".")[-1]: int(v) for k, v in (o.split("=") for o in FAST_MODEL) if k.startswith("model.tiny.")}
+    seq = {"model": {"name_or_path": "tiny", "tiny": tiny}, "data": {"max_length": 64}, "train": {"micro_batch_size": 4},
+           "eval": {"max_examples": 4, "generation": False}, "output": {"progress": False, "dir": str(tmp_path / "seq")},
+           "tasks": [{"name": "only", "train": str(data), "max_steps": 1}],
+           "continual": {"strategies": {"noop": {"methods": {"noop": {}}}}}}
+    (tmp_path / "seq.yaml").write_text(yaml.safe_dump(seq))
+    (tmp_path / "script.py").write_text(SCRIPT)
+    done = subprocess.run([sys.executable, str(tmp_path / "script.py"), str(tmp_path / "seq.yaml")], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "['noop']" in done.stdout
+    summary = json.loads(next((tmp_path / "seq" / "noop").glob("task-1-*/summary.json")).read_text())
+    assert summary["train"]["methods"]["noop"]["registered_in"].startswith("forgetless_plugin_")  # the child imported the script as a file
+
+
+def test_plugins_from_an_override_are_saved_resolved(tmp_path, plugin_file, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "run.yaml").write_text(yaml.safe_dump({"data": {"train": "demo:capitals"}, "methods": {"shrink": {}}}))
+    monkeypatch.chdir(tmp_path)
+    cfg = forgetless.load_config(str(tmp_path / "sub" / "run.yaml"), ["plugins=[my_methods.py]"])
+    assert cfg.plugins == [str(plugin_file.resolve())]
+    again = forgetless.config.config_from_dict(forgetless.config.to_dict(cfg))  # as a child process rebuilds it
+    assert "shrink" in again.methods

@@ -143,3 +143,20 @@ def test_config_reference_documents_checkpoints():
     keys = {row[0]: row for row in forgetless.config.reference()}
     for key in ("output.resume", "output.checkpoint_every", "output.keep_last", "output.keep_checkpoints", "train.max_nonfinite_steps"):
         assert keys[key][3], key
+
+
+def test_a_run_from_before_an_option_existed_resumes(tmp_path):
+    """config.yaml written before a newer option existed: the option at its empty default is no change."""
+    import yaml
+
+    from forgetless.checkpoint import check_same_config
+    from forgetless.config import load_config, save_config
+
+    cfg = load_config(None, ["data.train=demo:capitals"])
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["plugins"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_same_config(tmp_path / "config.yaml", cfg)
+    with pytest.raises(ConfigError, match="train.lr"):
+        check_same_config(tmp_path / "config.yaml", load_config(None, ["data.train=demo:capitals", "train.lr=0.5"]))
