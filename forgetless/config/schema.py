@@ -105,8 +105,17 @@ class ModelConfig:
 
     name_or_path: str = option(
         "tiny",
-        "A local model directory, a Hugging Face hub id, or 'tiny' for the built-in tiny random-init "
-        "Llama with its own tokenizer (offline).",
+        "A local model directory, a Hugging Face hub id, a .gguf file (loaded through transformers' GGUF "
+        "support, dequantized into model.dtype; needs `pip install 'forgetless[gguf]'`; "
+        "`forgetless fetch smollm2` gets one), or 'tiny' for the built-in tiny random-init Llama with its "
+        "own tokenizer (offline).",
+    )
+    gguf_file: Optional[str] = option(
+        None,
+        "The .gguf file to load from the folder or hub repo model.name_or_path names (its file name there, "
+        "e.g. model-Q4_K_M.gguf): the weights are dequantized into model.dtype, the tokenizer and chat "
+        "template come from the file. Not needed when model.name_or_path is the .gguf file itself; ignored "
+        "when it is a run directory (the next task of a sequence).",
     )
     revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) to load.")
     trust_remote_code: bool = option(False, "Allow the model's own Python code from the hub. Off unless you set it.")
@@ -306,11 +315,21 @@ class EvalConfig:
     max_examples: Optional[int] = option(256, "Score at most this many records per set (null = all).")
     generation: bool = option(
         True,
-        "Also greedy-decode prompt/completion and chat records and report normalised exact match. Sets whose "
-        "metric needs generations (exact_match, a scoring function) are decoded regardless, multiple-choice "
-        "records included.",
+        "Headline prompt/completion and chat sets that name no metric by normalised exact match of greedy "
+        "generations (off: by token accuracy). Only sets whose metric needs generations (exact_match, a "
+        "scoring function) are decoded, multiple-choice records included when it asks.",
     )
-    max_new_tokens: int = option(32, "Longest generation, in tokens.")
+    max_new_tokens: Optional[int] = option(
+        None,
+        "Longest generation, in tokens; null = each set's longest reference in tokens + 4 (at most 256). "
+        "Generation stops earlier at the end-of-text / end-of-turn token, and at the end of the first line "
+        "when every reference of the set is one line.",
+    )
+    score_eos: bool = option(
+        False,
+        "Also score the end-of-text token appended to text and prompt/completion records in loss, perplexity "
+        "and token accuracy (off: lm-evaluation-harness' loglikelihood convention; training learns it either way).",
+    )
     harness: HarnessConfig = option(
         factory=HarnessConfig,
         help="lm-evaluation-harness tasks scored before and after like keep sets (needs pip install 'forgetless[harness]').",
@@ -323,6 +342,8 @@ class EvalConfig:
             raise ConfigError(f"{where}.batch_size must be at least 1, got {self.batch_size}")
         if self.max_examples is not None and self.max_examples < 1:
             raise ConfigError(f"{where}.max_examples must be positive or null, got {self.max_examples}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"{where}.max_new_tokens must be at least 1 or null (automatic), got {self.max_new_tokens}")
         self.harness.validate(f"{where}.harness")
 
 

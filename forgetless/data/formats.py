@@ -53,6 +53,9 @@ class Example:
     choices: Optional[list[list[int]]] = None
     choice_chars: Optional[list[int]] = None
     answer: Optional[int] = None
+    # the last token is the end-of-text token the encoder appended (text, prompt/completion; not cut by
+    # max_length): evaluation leaves it unscored unless eval.score_eos (training is unaffected)
+    eos_appended: bool = False
 
     @property
     def num_targets(self) -> int:
@@ -236,13 +239,13 @@ class Encoder:
         d = rec.data
         if fmt == "text":
             ids = self.bos + self._ids(d["text"]) + [self.eos]
-            return Example(ids, [IGNORE] * len(self.bos) + ids[len(self.bos):], rec.where)
+            return Example(ids, [IGNORE] * len(self.bos) + ids[len(self.bos):], rec.where, eos_appended=True)
         if fmt == "prompt_completion":
             prompt = self.bos + self._ids(d["prompt"])
             completion = self._ids(d["completion"]) + [self.eos]
             mask_prompt = self.cfg.completion_only_loss
             labels = ([IGNORE] * len(prompt) if mask_prompt else [IGNORE] * len(self.bos) + prompt[len(self.bos):]) + completion
-            return Example(prompt + completion, labels, rec.where, prompt_ids=prompt, reference=d["completion"])
+            return Example(prompt + completion, labels, rec.where, prompt_ids=prompt, reference=d["completion"], eos_appended=True)
         if fmt == "multiple_choice":
             return self._encode_choice(rec)
         return self._encode_messages(rec)
@@ -321,6 +324,7 @@ class Encoder:
                 return None
             stats.truncated += 1
             ex.input_ids, ex.labels = ex.input_ids[:limit], ex.labels[:limit]
+            ex.eos_appended = False  # cut off with the end
             if ex.prompt_ids is not None and len(ex.prompt_ids) >= limit:
                 ex.prompt_ids = None  # nothing left to generate from
         if ex.num_targets == 0:

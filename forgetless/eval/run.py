@@ -36,11 +36,13 @@ def load_eval_sets(
 
 
 def score_sets(model, tokenizer, sets: dict[str, list[Example]], *, batch_size: int = 16, generation: bool = True,
-               max_new_tokens: int = 32, progress: bool = False, label: str = "eval",
+               max_new_tokens: Optional[int] = None, score_eos: bool = False, progress: bool = False, label: str = "eval",
                metrics: Optional[dict[str, str]] = None) -> dict[str, dict[str, float]]:
     """Scores of an in-memory model on each set (see forgetless.eval.scoring).
 
     ``metrics`` names the headline metric ("score") of some sets; the others get their natural one.
+    ``max_new_tokens`` None: each set's longest reference + a few tokens. ``score_eos``: also score
+    the end-of-text token appended to text and prompt/completion records.
     """
     device = next(model.parameters()).device
     results = {}
@@ -48,7 +50,7 @@ def score_sets(model, tokenizer, sets: dict[str, list[Example]], *, batch_size: 
         with eval_progress(len(examples), f"{label} {name}", progress) as advance:
             results[name] = score_examples(
                 model, examples, tokenizer, batch_size=batch_size, generation=generation,
-                max_new_tokens=max_new_tokens, device=device, on_batch=advance,
+                max_new_tokens=max_new_tokens, score_eos=score_eos, device=device, on_batch=advance,
                 metric=(metrics or {}).get(name), name=name,
             )
     return results
@@ -71,7 +73,8 @@ def evaluate_with_metrics(
     batch_size: int = 16,
     max_examples: Optional[int] = None,
     generation: bool = True,
-    max_new_tokens: int = 32,
+    max_new_tokens: Optional[int] = None,
+    score_eos: bool = False,
     max_length: int = 1024,
     chat_template: Optional[str] = None,
     trust_remote_code: bool = False,
@@ -98,5 +101,5 @@ def evaluate_with_metrics(
     lm = load_model(model_cfg, tokenizer)
     lm.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     results = score_sets(lm, tokenizer, sets, batch_size=batch_size, generation=generation, max_new_tokens=max_new_tokens,
-                         progress=progress, metrics=resolved)
+                         score_eos=score_eos, progress=progress, metrics=resolved)
     return results, resolved

@@ -1,8 +1,8 @@
-"""Loading models and tokenizers: the built-in tiny model, a local directory, or a hub id.
+"""Loading models and tokenizers: the built-in tiny model, a local directory, a hub id, or a GGUF file.
 
 All loading goes through ``transformers.AutoModelForCausalLM`` / ``AutoTokenizer`` (and PEFT for
-adapter directories); this module only decides *what* to load and turns failures into one-line
-:class:`UserError` messages.
+adapter directories; GGUF files through transformers' GGUF support, forgetless.models.gguf); this
+module only decides *what* to load and turns failures into one-line :class:`UserError` messages.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from forgetless.config import ModelConfig
 from forgetless.errors import UserError
 from forgetless.files import CONFIG_FILE, MODEL_DIR
 from forgetless.models.adapters import ADAPTER_FILE
+from forgetless.models.gguf import GgufSource, gguf_source, load_gguf_model, load_gguf_tokenizer
 
 _REFUSED_PICKLE = (
     "model {name!r}: a .bin weights file holds more than tensors (pickled code), so it was not loaded; "
@@ -31,6 +32,14 @@ def resolve_model_dir(name_or_path: str) -> str:
     if (p / MODEL_DIR).is_dir() and (p / CONFIG_FILE).is_file():
         return str(p / MODEL_DIR)
     return name_or_path
+
+
+def model_gguf(name_or_path: str, gguf_file: Optional[str] = None) -> Optional[GgufSource]:
+    """The GGUF file a model config names (``name_or_path`` a .gguf file, or a folder / hub repo with
+    ``gguf_file``), or None. A run directory names its saved ``model/``, never a GGUF."""
+    if name_or_path == "tiny" or resolve_model_dir(name_or_path) != name_or_path:
+        return None
+    return gguf_source(name_or_path, gguf_file)
 
 
 def _check_local(name: str) -> Optional[Path]:
@@ -69,6 +78,8 @@ def load_tokenizer(cfg: ModelConfig):
         from forgetless.models.tiny import load_tiny_tokenizer
 
         tok = load_tiny_tokenizer()
+    elif (src := model_gguf(cfg.name_or_path, cfg.gguf_file)) is not None:
+        tok = load_gguf_tokenizer(src, cfg.revision, cfg.trust_remote_code)
     else:
         name = resolve_model_dir(cfg.name_or_path)
         local = _check_local(name)
@@ -95,6 +106,12 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int = 0):
 
         model = build_tiny_model(cfg.tiny, tokenizer, seed)
         return model.to(_DTYPES[cfg.dtype]) if cfg.dtype != "auto" else model
+    src = model_gguf(cfg.name_or_path, cfg.gguf_file)
+    if src is not None:
+        model = load_gguf_model(src, _DTYPES[cfg.dtype], cfg.revision, cfg.trust_remote_code)
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return model
     name = resolve_model_dir(cfg.name_or_path)
     local = _check_local(name)
     if local is not None and (local / "adapter_config.json").is_file():
