@@ -118,7 +118,8 @@ def test_bottleneck_reduces_forgetting_and_still_learns(scenario, bottleneck_run
     plain = scenario.plain
     print(f"\nforgot: bottleneck size=16 {forgot(bottleneck_run):.4f} vs plain {forgot(plain):.4f}")
     assert forgot(bottleneck_run) < 0.5 * forgot(plain)
-    assert bottleneck_run.after["elements"]["loss"] < bottleneck_run.before["elements"]["loss"] - 1.0
+    # the loss of the answers alone (eval leaves the appended EOS unscored: learning to stop is not learning the task)
+    assert bottleneck_run.after["elements"]["loss"] < bottleneck_run.before["elements"]["loss"] - 0.5
 
 
 def test_base_weights_are_bit_identical_and_the_run_loads_back(scenario, bottleneck_run):
