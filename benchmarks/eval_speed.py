@@ -11,7 +11,7 @@ line break after the answer's first character). The decoded answers of both side
 (they should be the same) and the wall times of the two, alternated ``--repeats`` times after a
 warm-up, are reported as the fastest of each and their ratio.
 
-    python benchmarks/eval_speed.py --model /tmp/smol/model/SmolLM2-135M-Instruct.Q4_1.gguf
+    python benchmarks/eval_speed.py --model "$(forgetless fetch smollm2)"
     python benchmarks/eval_speed.py --model PATH --examples 256 --batch-size 16 --threads 2 --repeats 3 --json out.json
 """
 

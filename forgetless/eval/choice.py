@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from forgetless.data.formats import Example
+from forgetless.loss import forward as lm_forward
 
 
 @dataclass
@@ -52,7 +53,7 @@ def score_choices(
     """``ChoiceScore`` of every choice of every multiple-choice example (``example.choices`` set)."""
     requests = [(i, c, len(e.prompt_ids)) for i, e in enumerate(examples) for c in range(len(e.choices))]
     requests.sort(key=lambda r: -(r[2] + len(examples[r[0]].choices[r[1]])))
-    out: list[list[Optional[ChoiceScore]]] = [[None] * len(e.choices) for e in examples]
+    out_scores: list[list[Optional[ChoiceScore]]] = [[None] * len(e.choices) for e in examples]
     remaining = [len(e.choices) for e in examples]
     for start in range(0, len(requests), batch_size):
         batch = requests[start : start + batch_size]
@@ -63,17 +64,22 @@ def score_choices(
         for row, s in enumerate(seqs):
             ids[row, : len(s)] = torch.tensor(s)
             mask[row, : len(s)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        done = 0
+        # the token at position p is predicted by the logits at p - 1: the head runs at those rows only
+        select = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
         for row, (i, c, n_prompt) in enumerate(batch):
-            target = torch.tensor(examples[i].choices[c], device=logits.device)
-            # the token at position p is predicted by the logits at p - 1
-            logp = torch.log_softmax(logits[row, n_prompt - 1 : n_prompt - 1 + len(target)].float(), dim=-1)
+            select[row, n_prompt - 1 : n_prompt - 1 + len(examples[i].choices[c])] = True
+        out = lm_forward(model, ids.to(device), mask.to(device))
+        logp_rows = torch.log_softmax(out.logits_at(select.to(device)).float(), dim=-1)
+        done, first = 0, 0
+        for row, (i, c, n_prompt) in enumerate(batch):
+            target = torch.tensor(examples[i].choices[c], device=logp_rows.device)
+            logp = logp_rows[first : first + len(target)]
+            first += len(target)
             loglik = logp.gather(-1, target[:, None]).sum().item()
             hits = int((logp.argmax(-1) == target).sum())
-            out[i][c] = ChoiceScore(loglik, len(target), hits)
+            out_scores[i][c] = ChoiceScore(loglik, len(target), hits)
             remaining[i] -= 1
             done += remaining[i] == 0
         if on_batch and done:
             on_batch(done)
-    return out  # type: ignore[return-value]
+    return out_scores  # type: ignore[return-value]

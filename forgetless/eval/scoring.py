@@ -49,7 +49,7 @@ from forgetless.data.formats import IGNORE, Example
 from forgetless.eval.choice import pick, score_choices
 from forgetless.eval.custom import run_scoring_function
 from forgetless.eval.headline import HIGHER_IS_BETTER, default_metric, headline_value, higher_is_better, is_scoring_function
-from forgetless.loss import token_cross_entropy
+from forgetless.loss import forward as lm_forward
 
 __all__ = [
     "HIGHER_IS_BETTER", "higher_is_better", "score_examples", "generate", "exact_match", "normalize_answer",
@@ -171,9 +171,9 @@ def score_examples(
     # longest first, in groups of similar length within batch_size x the longest in padded tokens
     # (as training's micro-batches): a long paragraph does not pad fifteen short ones to its length
     for t in micro_batches(plain, batch_size, tokenizer.pad_token_id):
-        logits = model(input_ids=t["input_ids"].to(device), attention_mask=t["attention_mask"].to(device)).logits
-        loss_sum, correct = token_cross_entropy(logits, t["labels"].to(device))
-        del logits
+        out = lm_forward(model, t["input_ids"].to(device), t["attention_mask"].to(device))  # the head at targets only
+        loss_sum, correct = out.token_loss(t["labels"].to(device))
+        del out
         totals[0] += loss_sum.item()
         totals[1] += correct.numel()
         totals[2] += correct.sum().item()

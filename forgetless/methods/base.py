@@ -12,10 +12,10 @@ every enabled method at fixed points, in phase order (select, adapt, regularize,
                                                training batch (seeded, sharded and micro-batched the
                                                same way) and handed to paired_terms
     before_train(model, ctx)                   snapshot anchors, compute Fisher, set up a teacher
-    batch_terms(model, batch, logits) -> {name: tensor}
+    batch_terms(model, batch, out) -> {name: tensor}
                                                a loss term summed over the batch's target tokens;
                                                the recipe normalises it like the LM loss
-    paired_terms(model, batch, logits) -> {name: tensor}
+    paired_terms(model, batch, out) -> {name: tensor}
                                                a term summed over ``paired_count(batch)`` positions of
                                                a micro-batch of paired_data; the recipe divides by
                                                the step's total count over all processes (a mean)
@@ -36,6 +36,9 @@ and, between the tasks of a sequence (forgetless/recipes/continual.py)::
                                                ``link.note``)
 
 (``model`` in the batch hooks is unwrapped from DDP; the recipe runs the forward passes itself.
+``out`` is the forward pass's :class:`forgetless.loss.Outputs`: the last hidden states and the
+output head, not the full logits (a real vocabulary makes them gigabytes); ``out.logits_at(select)``
+gives the logits of chosen positions, :func:`forgetless.loss.kl_sum_chunked` a KL in chunks.
 A term hook returns the same names on every call, zero-valued terms included: the recipe reduces
 the terms of all processes in one tensor.)
 A method *returns* named loss terms instead of adding to a shared loss, so every term is logged
@@ -74,6 +77,7 @@ from forgetless.data.batching import count_targets
 from forgetless.data.encoding import encode_dataset
 from forgetless.data.formats import Encoder
 from forgetless.files import write_atomic
+from forgetless.loss import Outputs
 
 
 @dataclass
@@ -164,14 +168,14 @@ class Method:
     def before_train(self, model, ctx: Context) -> None:
         pass
 
-    def batch_terms(self, model, batch: dict[str, torch.Tensor], logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    def batch_terms(self, model, batch: dict[str, torch.Tensor], out: Outputs) -> dict[str, torch.Tensor]:
         return {}
 
     def paired_count(self, batch: dict[str, torch.Tensor]) -> int:
         """Positions a paired term of ``batch`` is summed over (the step's mean divides by their total)."""
         return count_targets(batch["labels"])
 
-    def paired_terms(self, model, batch: dict[str, torch.Tensor], logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    def paired_terms(self, model, batch: dict[str, torch.Tensor], out: Outputs) -> dict[str, torch.Tensor]:
         return {}
 
     def step_terms(self, model) -> dict[str, torch.Tensor]:

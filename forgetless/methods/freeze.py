@@ -167,7 +167,7 @@ class Freeze(Method):
 def block_importance(model, ctx: Context, prefix: str, n_blocks: int, cfg: FreezeConfig) -> list[float]:
     """Mean per-parameter importance of each block on the importance data."""
     from forgetless.data.batching import collate
-    from forgetless.loss import token_cross_entropy
+    from forgetless.loss import forward as lm_forward
 
     spec = cfg.importance_data
     if spec is None:
@@ -186,8 +186,8 @@ def block_importance(model, ctx: Context, prefix: str, n_blocks: int, cfg: Freez
     for group in groups:
         b = collate(group, ctx.tokenizer.pad_token_id)
         model.zero_grad(set_to_none=True)
-        logits = model(input_ids=b["input_ids"].to(ctx.device), attention_mask=b["attention_mask"].to(ctx.device)).logits
-        loss_sum, correct = token_cross_entropy(logits, b["labels"].to(ctx.device))
+        out = lm_forward(model, b["input_ids"].to(ctx.device), b["attention_mask"].to(ctx.device))
+        loss_sum, correct = out.token_loss(b["labels"].to(ctx.device))
         (loss_sum / max(correct.numel(), 1)).backward()
         for n, p in params.items():
             if p.grad is not None:

@@ -32,17 +32,18 @@ Which positions and data::
 from __future__ import annotations
 
 import copy
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 
 from forgetless.config import DatasetSpec, option
 from forgetless.data.batching import count_targets
 from forgetless.data.formats import IGNORE
 from forgetless.errors import ConfigError
+from forgetless.loss import Outputs, forward as lm_forward, kl_sum, kl_sum_chunked
 from forgetless.methods.base import Context, Method
 from forgetless.registry import register, REGULARIZE, STARTS_AT_BASE
 from forgetless.models.adapters import adapters_disabled, has_adapters, is_peft_model
@@ -76,11 +77,7 @@ def uses_train_batch(spec: Optional[DatasetSpec]) -> bool:
     return spec is None or spec.path == "train"
 
 
-def kl_sum(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T² · Σ_rows KL(softmax(teacher/T) ‖ softmax(student/T)) for logits of shape (rows, vocab)."""
-    s = F.log_softmax(student.float() / temperature, dim=-1)
-    t = F.log_softmax(teacher.float() / temperature, dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="sum") * temperature**2
+__all__ = ["KL", "KLConfig", "kl_sum", "uses_train_batch"]
 
 
 def _base_is_frozen(model) -> bool:
@@ -89,6 +86,27 @@ def _base_is_frozen(model) -> bool:
         return True  # forgetless's adapter kinds freeze the base model themselves
     prefix = getattr(model.base_model, "prefix", "lora_")
     return all(prefix in n or "modules_to_save" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def base_head(model):
+    """A head that gives the base model's logits from hidden rows, whatever adapters the model has.
+
+    A head with nothing trainable and no hooks is its own base. Otherwise (LoRA on the head,
+    PEFT's ``modules_to_save``, an adapter hooked onto it) every call runs inside
+    ``adapters_disabled``: also when the loss's checkpointed chunks call it again in the backward
+    pass, after the teacher's forward has left the context.
+    """
+    head = model.get_output_embeddings()
+    adapted = (any(p.requires_grad for p in head.parameters()) or head._forward_hooks or head._forward_pre_hooks
+               or hasattr(head, "base_layer") or hasattr(head, "original_module"))
+    if not adapted:
+        return head
+
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        with adapters_disabled(model):
+            return head(rows)
+
+    return run
 
 
 class KL(Method):
@@ -110,35 +128,38 @@ class KL(Method):
             self.teacher = copy.deepcopy(model).eval().requires_grad_(False).to(ctx.device)
 
     @torch.no_grad()
-    def teacher_logits(self, model, input_ids, attention_mask) -> torch.Tensor:
+    def teacher_outputs(self, model, input_ids, attention_mask) -> Outputs:
+        """The base model's forward on a batch: hidden states and a head that computes the base's logits."""
         if self.teacher is not None:
-            with self.autocast():
-                return self.teacher(input_ids=input_ids, attention_mask=attention_mask).logits
+            return lm_forward(self.teacher, input_ids, attention_mask, autocast=self.autocast)
         was_training = model.training
         model.eval()
         try:
-            with adapters_disabled(model), self.autocast():
-                return model(input_ids=input_ids, attention_mask=attention_mask).logits
+            with adapters_disabled(model):
+                out = lm_forward(model, input_ids, attention_mask, autocast=self.autocast)
         finally:
             model.train(was_training)
+        if out.head is not None:
+            out = dataclasses.replace(out, head=base_head(model))
+        return out
 
     def _selected(self, batch) -> torch.Tensor:
         if self.cfg.positions == "targets":
             return batch["labels"][:, 1:] != IGNORE
         return batch["attention_mask"][:, 1:] == 1
 
-    def _kl(self, model, batch, logits, select) -> torch.Tensor:
-        teacher = self.teacher_logits(model, batch["input_ids"], batch["attention_mask"])
-        return kl_sum(logits[:, :-1][select], teacher[:, :-1][select], self.cfg.temperature)
+    def _kl(self, model, batch, out: Outputs, select) -> torch.Tensor:
+        teacher = self.teacher_outputs(model, batch["input_ids"], batch["attention_mask"])
+        return kl_sum_chunked(out, teacher, select, self.cfg.temperature)
 
-    def batch_terms(self, model, batch, logits):
+    def batch_terms(self, model, batch, out: Outputs):
         if self.paired:
             return {}
         select = self._selected(batch)
         n_selected = int(select.sum())
         if n_selected == 0:
-            return {"kl": logits.sum() * 0.0}
-        total = self._kl(model, batch, logits, select)
+            return {"kl": out.anchor()}
+        total = self._kl(model, batch, out, select)
         if self.cfg.positions == "all":  # a mean over all positions, at the scale of the LM loss's target tokens
             total = total * (count_targets(batch["labels"]) / n_selected)
         return {"kl": self.cfg.weight * total}
@@ -146,11 +167,11 @@ class KL(Method):
     def paired_count(self, batch) -> int:
         return int(self._selected(batch).sum())
 
-    def paired_terms(self, model, batch, logits):
+    def paired_terms(self, model, batch, out: Outputs):
         select = self._selected(batch)
         if not bool(select.any()):
-            return {"kl": logits.sum() * 0.0}
-        return {"kl": self.cfg.weight * self._kl(model, batch, logits, select)}
+            return {"kl": out.anchor()}
+        return {"kl": self.cfg.weight * self._kl(model, batch, out, select)}
 
     def describe(self) -> dict:
         return {

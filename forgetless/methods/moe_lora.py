@@ -377,7 +377,7 @@ class MoELoRA(Method):
             layer.record = True
         return model
 
-    def batch_terms(self, model, batch, logits) -> dict[str, torch.Tensor]:
+    def batch_terms(self, model, batch, out) -> dict[str, torch.Tensor]:
         loss, shares = balance_loss(self.layers, batch["attention_mask"])
         if shares.numel():
             self.share_sum = shares if self.share_sum is None else self.share_sum.to(shares.device) + shares  # restored on the CPU

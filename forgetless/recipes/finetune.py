@@ -53,7 +53,7 @@ from forgetless.data.formats import EncodeStats, Encoder, Example
 from forgetless.errors import ConfigError, UserError
 from forgetless.files import CONFIG_FILE, METRICS_FILE, MODEL_DIR, flatten, write_atomic
 from forgetless.eval.sets import EvalSet, evaluate_sets, harness_sets, make_eval_set
-from forgetless.loss import token_cross_entropy
+from forgetless.loss import forward as lm_forward
 from forgetless.methods import Context, Method, build_methods
 from forgetless.models import load_model, load_tokenizer
 from forgetless.models.saving import save_model
@@ -608,18 +608,19 @@ def forward_backward(model, micro_batches: list[dict], accelerator, scale: float
         last = i == len(jobs) - 1
         with nullcontext() if last else accelerator.no_sync(model):
             b = {k: v.to(accelerator.device) for k, v in b.items()}
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            # hidden states and the head, not the full logits: the loss applies the head at targets, in chunks
+            out = lm_forward(model, b["input_ids"], b["attention_mask"], head_of=plain, autocast=accelerator.autocast)
             if owner is None:  # a micro-batch of the training batch
-                loss_sum, _ = token_cross_entropy(logits, b["labels"])
+                loss_sum, _ = out.token_loss(b["labels"])
                 total = loss_sum
                 sums["lm"] += loss_sum.detach().double().cpu()
                 for m in methods:
-                    for name, value in m.batch_terms(plain, b, logits).items():
+                    for name, value in m.batch_terms(plain, b, out).items():
                         total = total + value
                         sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64)) + value.detach().double().cpu()
             else:  # a micro-batch of a method's own data
-                total = logits.sum() * 0.0
-                for name, value in paired[owner][0].paired_terms(plain, b, logits).items():
+                total = out.anchor()
+                for name, value in paired[owner][0].paired_terms(plain, b, out).items():
                     total = total + value
                     key = (owner, name)
                     paired_sums[key] = paired_sums.get(key, torch.zeros((), dtype=torch.float64)) + value.detach().double().cpu()

@@ -34,7 +34,9 @@ def _weights(run_dir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, one_thread):
+    # one thread, like the killed child (OMP_NUM_THREADS=1): bitwise equality is promised for the
+    # same thread count (a float32 matmul's reduction split may depend on it)
     root = tmp_path_factory.mktemp("seq")
     (root / "seq.yaml").write_text(SEQ)
     run_sequence(load_config(root / "seq.yaml", [f"output.dir={root / 'out'}"]))

@@ -45,6 +45,7 @@ import forgetless
 from forgetless.checkpoint import latest_checkpoint, load_checkpoint, method_files
 from forgetless.config import config_from_dict, to_dict
 from forgetless.data.batching import collate
+from forgetless.loss import forward as lm_forward
 from forgetless.methods import Context, build_methods
 from forgetless.recipes.continual import task_run_config
 from forgetless.registry import FREEZES_BASE, KEEPS_BASE, REGISTRY, STARTS_AT_BASE
@@ -423,12 +424,12 @@ def terms_at_step_zero(s: Setup, m) -> dict[str, float]:
     """Every term the method adds at the starting weights: batch, paired and step terms, as the recipe calls them."""
     model, batch = s.model, s.batch()
     model.train()  # as the recipe runs them: train mode, gradients enabled (no backward here)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    out = {f"batch:{k}": float(v.detach()) for k, v in m.batch_terms(model, batch, logits).items()}
+    outputs = lm_forward(model, batch["input_ids"], batch["attention_mask"])
+    out = {f"batch:{k}": float(v.detach()) for k, v in m.batch_terms(model, batch, outputs).items()}
     if s.paired[m.name] is not None:
         pbatch = s.batch(s.paired[m.name])
-        plogits = model(input_ids=pbatch["input_ids"], attention_mask=pbatch["attention_mask"]).logits
-        out.update({f"paired:{k}": float(v.detach()) for k, v in m.paired_terms(model, pbatch, plogits).items()})
+        poutputs = lm_forward(model, pbatch["input_ids"], pbatch["attention_mask"])
+        out.update({f"paired:{k}": float(v.detach()) for k, v in m.paired_terms(model, pbatch, poutputs).items()})
     out.update({f"step:{k}": float(v.detach()) for k, v in m.step_terms(model).items()})
     return out
 

@@ -7,6 +7,7 @@ from forgetless.config import DatasetSpec, TinyModelConfig, load_config
 from forgetless.data.batching import collate
 from forgetless.data.formats import IGNORE
 from forgetless.errors import ConfigError
+from forgetless.loss import Outputs, forward as lm_forward
 from forgetless.methods import REGISTRY
 from forgetless.methods.base import Context
 from forgetless.methods.kl import KL
@@ -57,7 +58,8 @@ def test_value_and_gradient_match_the_formula():
         z_t = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     _perturb(model)  # the student moves; the teacher must not
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    term = kl.batch_terms(model, batch, logits)["kl"]
+    # the student's outputs as full logits, to take the gradient with respect to them
+    term = kl.batch_terms(model, batch, Outputs(None, None, logits.shape[-1], logits=logits))["kl"]
     (grad,) = torch.autograd.grad(term, logits)
 
     select = torch.zeros_like(batch["labels"], dtype=torch.bool)
@@ -83,7 +85,7 @@ def test_positions_all_and_general_data_are_scaled_to_the_train_case():
     n_targets = int((batch["labels"][:, 1:] != IGNORE).sum())
     real = batch["attention_mask"][:, 1:] == 1
     assert int(real.sum()) > n_targets  # prompts count too
-    got = kl.batch_terms(model, batch, logits)["kl"]
+    got = kl.batch_terms(model, batch, lm_forward(model, batch["input_ids"], batch["attention_mask"]))["kl"]
     assert got.item() == pytest.approx(n_targets * _kl_rows(logits[:, :-1][real], z_t[:, :-1][real], 1.0).mean().item(), rel=1e-5)
 
     # general data: the method asks the recipe for it (paired_data) and adds nothing to the training batch;
@@ -95,10 +97,10 @@ def test_positions_all_and_general_data_are_scaled_to_the_train_case():
     kl.before_train(model, ctx)
     _perturb(model)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    assert kl.batch_terms(model, batch, logits) == {}
+    assert kl.batch_terms(model, batch, lm_forward(model, batch["input_ids"], batch["attention_mask"])) == {}
     first = collate(general[:4], 0)
     logits = model(input_ids=first["input_ids"], attention_mask=first["attention_mask"]).logits
-    term = kl.paired_terms(model, first, logits)["kl"]
+    term = kl.paired_terms(model, first, lm_forward(model, first["input_ids"], first["attention_mask"]))["kl"]
     with torch.no_grad():
         z_t = kl.teacher(input_ids=first["input_ids"], attention_mask=first["attention_mask"]).logits
     sel = first["labels"][:, 1:] != IGNORE
@@ -137,7 +139,7 @@ def test_adapters_give_the_teacher_without_a_copy(monkeypatch):
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert not torch.allclose(logits, base_logits)
-    term = kl.batch_terms(model, batch, logits)["kl"]
+    term = kl.batch_terms(model, batch, lm_forward(model, batch["input_ids"], batch["attention_mask"]))["kl"]
     assert calls == [1]
     assert model.training  # restored after the teacher's forward in eval mode
     sel = batch["labels"][:, 1:] != IGNORE

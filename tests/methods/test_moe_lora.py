@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 from forgetless.config import ModelConfig, RunConfig, TinyModelConfig, load_config
 from forgetless.errors import ConfigError
+from forgetless.loss import forward as lm_forward
 from forgetless.methods import REGISTRY
 from forgetless.methods.moe_lora import EXPERTS, LoRAExperts, balance_loss, expert_layers, routing_shares
 from forgetless.models import load_model, load_tokenizer
@@ -108,10 +109,10 @@ def test_balance_term_is_the_switch_loss_summed_over_target_tokens():
     labels = ids.clone()
     labels[:, :4] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+    out = lm_forward(model, ids, batch["attention_mask"])
     per_layer = [balance_loss([layer], batch["attention_mask"])[0] for layer in method.layers]
     model(input_ids=ids, attention_mask=batch["attention_mask"])  # the same forward again, to record again
-    term = method.batch_terms(model, batch, logits)["moe_balance"]
+    term = method.batch_terms(model, batch, out)["moe_balance"]
     targets = int((labels[:, 1:] != -100).sum())
     torch.testing.assert_close(term, 0.5 * torch.stack(per_layer).mean() * targets)
 
