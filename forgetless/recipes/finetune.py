@@ -165,6 +165,13 @@ def train(cfg: RunConfig) -> RunResult:
     # accelerate forms a CPU process group (gloo) only when told to run on CPU; without a GPU, a
     # multi-process launch would otherwise give N independent single-process runs.
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # accelerate keeps one AcceleratorState per process and refuses a second run of the same
+    # process with another mixed precision (the API, a task sequence run in one process): forget
+    # the last run's (its process group, in PartialState, stays)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     accelerator = Accelerator(
         cpu=multi_process and not torch.cuda.is_available(),
         mixed_precision=_mixed_precision(cfg.train.mixed_precision),

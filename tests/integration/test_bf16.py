@@ -13,9 +13,11 @@ pytestmark = pytest.mark.slow
 
 
 def _run(tmp_path, pc_file, name, *extra):
-    cfg = forgetless.load_config(None, fast_overrides(tmp_path / name, pc_file, "train.max_steps=6", "train.lr=3e-3", *extra))
+    cfg = forgetless.load_config(None, fast_overrides(tmp_path / name, pc_file, "train.max_steps=6", "train.lr=3e-3",
+                                                   "output.log_every=1", *extra))
     result = forgetless.train(cfg)
-    losses = [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
     weights = load_file(tmp_path / name / "model" / "model.safetensors")
     return result, losses, weights
 
