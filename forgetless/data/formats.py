@@ -75,6 +75,30 @@ class EncodeStats:
     formats: dict[str, int] = field(default_factory=dict)
 
 
+def check_messages(rec: Record) -> list[dict]:
+    """The record's ``messages``, or a DataError naming the record and the bad message."""
+    msgs = rec.data.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{rec.where}: field 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{rec.where}: messages[{i}] must be an object with string 'role' and 'content'")
+        if not m["role"].strip():
+            raise DataError(f"{rec.where}: messages[{i}].role is empty; give it a role such as 'user' or 'assistant'")
+        _check_encodable(m["role"], rec.where, f"messages[{i}].role")
+        _check_encodable(m["content"], rec.where, f"messages[{i}].content")
+        typo = _misspelt_role(m["role"])
+        if typo:
+            raise DataError(f"{rec.where}: messages[{i}].role {m['role']!r} is not a known role (did you mean {typo!r}?); fix the role")
+    return msgs
+
+
+def is_prompt_only(data: dict) -> bool:
+    """A conversation without an assistant turn yet (a prompt for generation, TRL's conversational prompt-only form)."""
+    msgs = data.get("messages")
+    return isinstance(msgs, list) and bool(msgs) and not any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs)
+
+
 def detect_format(rec: Record, requested: str = "auto") -> str:
     """The format of a record, or a DataError naming the record and its fields."""
     d = rec.data
@@ -121,19 +145,7 @@ def _validate(rec: Record, fmt: str) -> None:
         need_str("prompt", allow_empty=True)
         need_str("completion")
     else:
-        msgs = d.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{rec.where}: field 'messages' must be a non-empty list of {{'role', 'content'}} objects")
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise DataError(f"{rec.where}: messages[{i}] must be an object with string 'role' and 'content'")
-            if not m["role"].strip():
-                raise DataError(f"{rec.where}: messages[{i}].role is empty; give it a role such as 'user' or 'assistant'")
-            _check_encodable(m["role"], rec.where, f"messages[{i}].role")
-            _check_encodable(m["content"], rec.where, f"messages[{i}].content")
-            typo = _misspelt_role(m["role"])
-            if typo:
-                raise DataError(f"{rec.where}: messages[{i}].role {m['role']!r} is not a known role (did you mean {typo!r}?); fix the role")
+        msgs = check_messages(rec)
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f"{rec.where}: the conversation has no 'assistant' message, so nothing to learn; add one or drop the record")
 
@@ -287,6 +299,12 @@ class Encoder:
             )
         except Exception as e:  # a template may raise on roles it does not know
             raise DataError(f"{where}: the chat template failed on this conversation ({str(e).splitlines()[0][:160]})") from None
+
+    def encode_prompt(self, rec: Record) -> list[int]:
+        """The token ids a model is given for a prompt-only conversation (:func:`is_prompt_only`):
+        the conversation rendered with the generation prompt of the assistant's turn."""
+        msgs = [{"role": m["role"], "content": m["content"]} for m in check_messages(rec)]
+        return self._ids(self._render(msgs, True, rec.where))
 
     def _encode_messages(self, rec: Record) -> Example:
         msgs = [{"role": m["role"], "content": m["content"]} for m in rec.data["messages"]]

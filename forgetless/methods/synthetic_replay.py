@@ -7,7 +7,8 @@ arXiv 2403.01244, and LAMOL, Sun et al. 2020, arXiv 1909.03329).
 
 - ``prompts: <dataset>``: the prompt part of each record (``prompt``, or a conversation up to its
   last assistant turn) is given to the model, and its continuation becomes the completion
-  (resp. the assistant turn). Prompts are taken in a seeded random order, cycling.
+  (resp. the assistant turn). A dataset of conversations without an assistant turn (user turns
+  only: prompts for generation) gives the whole conversation, and the answer is appended. Prompts are taken in a seeded random order, cycling.
 - ``prompts: null``: free generation from the end-of-text token (plus an optional ``prefix``);
   the sample becomes a ``text`` record.
 
@@ -38,8 +39,8 @@ import torch.nn.functional as F
 
 from forgetless.config import DatasetSpec, option
 from forgetless.data.batching import Source, chunks, collate
-from forgetless.data.formats import IGNORE, Example, detect_format
-from forgetless.data.loading import Record
+from forgetless.data.formats import IGNORE, Example, detect_format, is_prompt_only
+from forgetless.data.loading import Record, load_records
 from forgetless.errors import ConfigError, UserError
 from forgetless.eval.scoring import stop_token_ids
 from forgetless.methods.base import Context, Method
@@ -158,6 +159,13 @@ def perplexities(model, examples: list, pad_id: int, device, batch_size: int) ->
     return out
 
 
+@dataclass
+class _PromptOnly:
+    record: dict
+    where: str
+    prompt_ids: list[int]
+
+
 class SyntheticReplay(Method):
     name = "synthetic_replay"
 
@@ -172,7 +180,12 @@ class SyntheticReplay(Method):
         if cfg.prompts is None:
             start = [tok.eos_token_id] + tok(cfg.prefix, add_special_tokens=False)["input_ids"]
             return [(start, {"text": cfg.prefix}, "text", "free")] * cfg.num_samples
-        usable = [c for c in load_candidates(ctx.encoder, cfg.prompts, "prompts")[0] if c.example.prompt_ids]
+        records = load_records(cfg.prompts)
+        if records and all(is_prompt_only(r.data) for r in records):
+            # conversations that end before the assistant's turn: the model writes that turn
+            usable = [_PromptOnly(r.data, r.where, ctx.encoder.encode_prompt(r)) for r in records]
+        else:
+            usable = [c for c in load_candidates(ctx.encoder, cfg.prompts, "prompts")[0] if c.example.prompt_ids]
         if not usable:
             raise UserError(
                 f"methods.synthetic_replay.prompts: {cfg.prompts.path} has no prompt/completion or chat records to take "
@@ -180,7 +193,8 @@ class SyntheticReplay(Method):
             )
         order = torch.randperm(len(usable), generator=torch.Generator().manual_seed(ctx.seed)).tolist()
         picked = [usable[order[i % len(usable)]] for i in range(cfg.num_samples)]
-        return [(c.example.prompt_ids, c.record, detect_format(Record(c.record, c.where), c.format), c.where) for c in picked]
+        return [(c.prompt_ids, c.record, "messages", c.where) if isinstance(c, _PromptOnly)
+                else (c.example.prompt_ids, c.record, detect_format(Record(c.record, c.where), c.format), c.where) for c in picked]
 
     def wrap_model(self, model, ctx: Context):
         device = ctx.device
@@ -248,7 +262,8 @@ def completed(record: dict, fmt: str, text: str) -> dict:
     if fmt == "prompt_completion":
         return {"prompt": record["prompt"], "completion": text}
     messages = record["messages"]
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    last = turns[-1] if turns else len(messages)  # a prompt-only conversation: the answer is appended
     return {"messages": [dict(m) for m in messages[:last]] + [{"role": "assistant", "content": text}]}
 
 

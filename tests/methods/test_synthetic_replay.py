@@ -87,6 +87,23 @@ def test_saved_file_matches_what_is_replayed(scenario, tmp_path):
     assert sum(removed.values()) + len(lines) == 24
 
 
+def test_prompt_only_conversations_get_the_model_answer_appended(scenario, tmp_path):
+    """User turns only (prompts for generation): the model's answer becomes the assistant turn."""
+    prompts = tmp_path / "asks.jsonl"
+    asks = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Question {i}?"}] for i in range(6)]
+    prompts.write_text("".join(json.dumps({"messages": a}) + "\n" for a in asks))
+    method, _, ctx = _method(scenario, f"methods.synthetic_replay.prompts={prompts}", "methods.synthetic_replay.num_samples=6",
+                             "methods.synthetic_replay.temperature=0", "methods.synthetic_replay.drop_unfinished=false",
+                             "methods.synthetic_replay.max_new_tokens=6")
+    assert method.kept
+    for sample in method.kept:
+        *asked, answer = sample.record["messages"]
+        assert asked in asks and answer["role"] == "assistant" and answer["content"].strip()
+        # trained on the answer only: the prompt the model was given is the conversation's prompt
+        prompt = ctx.encoder.encode_prompt(Record({"messages": asked}, "x"))
+        assert sample.example.input_ids[: len(prompt)] == prompt and all(t == -100 for t in sample.example.labels[: len(prompt)])
+
+
 def test_synthetic_replay_reduces_forgetting(scenario):
     r = scenario.finetune("synthetic", f"methods.synthetic_replay.prompts={CAPITALS}", "methods.synthetic_replay.temperature=0",
                           "methods.synthetic_replay.num_samples=40", "methods.synthetic_replay.ratio=0.25")
