@@ -19,9 +19,10 @@ and the after-scores (summary.json ``after``). Only the public API is used:
 
 Usage (run it with the code under test first on PYTHONPATH)::
 
-    PYTHONPATH=/tmp/base python scripts/weights_fingerprint.py --out /tmp/fp-base.json
-    PYTHONPATH=/work/main python scripts/weights_fingerprint.py --out /tmp/fp-new.json --compare /tmp/fp-base.json
-    python scripts/weights_fingerprint.py --compare /tmp/fp-base.json /tmp/fp-new.json   # compare two files, run nothing
+    git worktree add ../base <commit>                    # the code to compare against, beside this checkout
+    PYTHONPATH=../base python scripts/weights_fingerprint.py --out fp-base.json
+    PYTHONPATH=. python scripts/weights_fingerprint.py --out fp-new.json --compare fp-base.json
+    python scripts/weights_fingerprint.py --compare fp-base.json fp-new.json   # compare two files, run nothing
     ... --only lora            # only runs whose name contains "lora" (quick iteration)
 
 The runs are short on purpose (about 80 s for all 45 on 2 CPU cores): the demo base trains 20

@@ -7,7 +7,7 @@ cent, mil; tens and hundreds are formed by joining a numeral in front of dek or 
 (347 = tricent kvardek sep). The task is regular, so a model can learn it from some numbers and
 be scored on numbers it has not seen; SmolLM2-135M-Instruct cannot do it before training.
 
-    python benchmarks/real_model/make_esperanto.py   # rewrites data/esperanto_numbers_{train,validation,test}.jsonl
+    python benchmarks/real_model/make_esperanto.py   # rewrites forgetless/data/shipped/esperanto_numbers_*.jsonl
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def esperanto(n: int) -> str:
 def main() -> None:
     assert esperanto(347) == "tricent kvardek sep" and esperanto(11) == "dek unu" and esperanto(900) == "naŭcent"
     numbers = random.Random(1905).sample(range(1, 1000), sum(SPLITS.values()))
-    out = Path(__file__).parent / "data"
+    out = Path(__file__).resolve().parents[2] / "forgetless" / "data" / "shipped"
     start = 0
     for split, count in SPLITS.items():
         with open(out / f"esperanto_numbers_{split}.jsonl", "w", encoding="utf-8") as f:

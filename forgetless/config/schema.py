@@ -38,7 +38,7 @@ def option(default: Any = dataclasses.MISSING, help: str = "", factory: Any = No
 
 # The built-in headline metrics a set's ``metric`` may name (forgetless.eval.headline maps each to
 # the result key that holds its value). Anything with a ':' is a user's scoring function.
-METRICS = ("exact_match", "token_accuracy", "loss", "perplexity", "multiple_choice", "multiple_choice_norm")
+METRICS = ("exact_match", "contains", "token_accuracy", "loss", "perplexity", "multiple_choice", "multiple_choice_norm")
 
 
 def check_metric(metric: str, where: str) -> None:
@@ -146,7 +146,8 @@ class DatasetSpec:
     limit: Optional[int] = option(None, "Use only the first N records.")
     metric: Optional[str] = option(
         None,
-        "The set's headline 'score': exact_match, token_accuracy, loss, perplexity (lower is better), "
+        "The set's headline 'score': exact_match, contains (the reference appears in the answer as whole words, "
+        "after the same normalisation: 'The capital is Nairobi.' for 'Nairobi'; chat answers), token_accuracy, loss, perplexity (lower is better), "
         "multiple_choice (accuracy of the most likely choice, lm-eval acc), multiple_choice_norm (per-character "
         "log-likelihood, lm-eval acc_norm), or a scoring function path/to/file.py:function (relative to the YAML) or "
         "package.module:function, called as fn(predictions, references, records) -> float or dict with 'score'. "

@@ -27,7 +27,7 @@ from typing import Callable
 from forgetless.errors import UserError
 
 # Keys a scoring function's extra numbers may not take: the built-in scores of every set.
-RESERVED = {"examples", "target_tokens", "loss", "perplexity", "token_accuracy", "exact_match", "mc_accuracy", "mc_accuracy_norm"}
+RESERVED = {"examples", "target_tokens", "loss", "perplexity", "token_accuracy", "exact_match", "contains", "mc_accuracy", "mc_accuracy_norm"}
 
 _loaded: dict[str, Callable] = {}
 

@@ -4,6 +4,8 @@ Every scored set reports one number, ``score``, next to its other scores. Which 
 from ``DatasetSpec.metric`` (``data.eval.NAME.metric``):
 
 - ``exact_match``: share of greedy generations equal to the reference (normalised).
+- ``contains``: share of greedy generations that contain the reference as whole words (both
+  normalised): a chat model's "The capital of Kenya is Nairobi." is right for "Nairobi".
 - ``token_accuracy``: share of target tokens predicted by the argmax.
 - ``loss``, ``perplexity``: mean cross-entropy of the target tokens and its exponential
   (lower is better).
@@ -29,6 +31,7 @@ from forgetless.errors import UserError
 # metric name -> the key of the result dict that holds its value
 RESULT_KEYS = {
     "exact_match": "exact_match",
+    "contains": "contains",
     "token_accuracy": "token_accuracy",
     "loss": "loss",
     "perplexity": "perplexity",
@@ -37,12 +40,15 @@ RESULT_KEYS = {
 }
 HIGHER_IS_BETTER = {
     "exact_match": True,
+    "contains": True,
     "token_accuracy": True,
     "loss": False,
     "perplexity": False,
     "multiple_choice": True,
     "multiple_choice_norm": True,
 }
+# built-in metrics of greedy generations (the set is decoded)
+GENERATED = ("exact_match", "contains")
 # lm-evaluation-harness metrics (harness/<task> sets) where lower is better; its others are higher-is-better.
 HARNESS_LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
 
@@ -75,7 +81,7 @@ def check_metric_fits(metric: str, examples: Sequence, where: str) -> None:
             f"{where}: metric {metric} needs multiple-choice records ({{'question', 'choices', 'answer'}}); "
             f"choose another metric or give multiple-choice data"
         )
-    if (metric == "exact_match" or is_scoring_function(metric)) and not any(e.prompt_ids and e.reference is not None for e in examples):
+    if (metric in GENERATED or is_scoring_function(metric)) and not any(e.prompt_ids and e.reference is not None for e in examples):
         raise UserError(
             f"{where}: metric {metric} compares generations with references, but the records have no prompt to "
             f"generate from (text records, or prompts cut by data.max_length); use token_accuracy, loss or "

@@ -12,6 +12,8 @@
   ``until: ["\\n"]``); answer and reference are then compared after :func:`normalize_answer`.
   Multiple-choice records (the correct choice) are decoded only when the metric is exact_match
   or a scoring function.
+- ``contains`` (when it is the set's metric): the same answers, right when the normalised
+  reference occurs in the normalised answer as whole words (chat models answer in sentences).
 - ``mc_accuracy`` / ``mc_accuracy_norm``: multiple-choice records scored by the log-likelihood of
   each choice (:mod:`forgetless.eval.choice`).
 - ``score``: the set's headline metric (:mod:`forgetless.eval.headline`), which may be a user
@@ -48,11 +50,11 @@ from forgetless.data.batching import chunks, micro_batches
 from forgetless.data.formats import IGNORE, Example
 from forgetless.eval.choice import pick, score_choices
 from forgetless.eval.custom import run_scoring_function
-from forgetless.eval.headline import HIGHER_IS_BETTER, default_metric, headline_value, higher_is_better, is_scoring_function
+from forgetless.eval.headline import GENERATED, HIGHER_IS_BETTER, default_metric, headline_value, higher_is_better, is_scoring_function
 from forgetless.loss import forward as lm_forward
 
 __all__ = [
-    "HIGHER_IS_BETTER", "higher_is_better", "score_examples", "generate", "exact_match", "normalize_answer",
+    "HIGHER_IS_BETTER", "higher_is_better", "score_examples", "generate", "exact_match", "answer_contains", "normalize_answer",
     "answer_text", "one_line_references", "auto_max_new_tokens",
 ]
 
@@ -81,6 +83,16 @@ def normalize_answer(text: str) -> str:
 
 def exact_match(prediction: str, reference: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(reference)
+
+
+def answer_contains(prediction: str, reference: str) -> bool:
+    """The normalised reference occurs in the normalised prediction as whole words ("contains").
+
+    "The capital of Kenya is Nairobi." contains "Nairobi"; "Nairobian" does not; an empty reference
+    is never contained.
+    """
+    ref = normalize_answer(reference)
+    return bool(ref) and f" {ref} " in f" {normalize_answer(prediction)} "
 
 
 def _line_end(text: str) -> int:
@@ -163,8 +175,8 @@ def score_examples(
     device = device or next(model.parameters()).device
     metric = metric or default_metric(examples, generation)
     mine = examples[rank::world_size]
-    # [loss_sum, targets, correct, em_hits, em_total, mc_hits, mc_norm_hits, mc_total]
-    totals = torch.zeros(8, dtype=torch.float64)
+    # [loss_sum, targets, correct, em_hits, em_total, mc_hits, mc_norm_hits, mc_total, contains_hits]
+    totals = torch.zeros(9, dtype=torch.float64)
     plain = [e for e in mine if e.choices is None]
     if not score_eos:  # the appended end-of-text is not a target (a copy: training's examples keep it)
         plain = [replace(e, labels=e.labels[:-1] + [IGNORE]) if e.eos_appended else e for e in plain]
@@ -193,7 +205,7 @@ def score_examples(
             totals[7] += 1
     user_metric = is_scoring_function(metric)
     predicted: list[tuple[int, str]] = []
-    if metric == "exact_match" or user_metric:
+    if metric in GENERATED or user_metric:
         decodable = lambda e: bool(e.prompt_ids) and e.reference is not None  # noqa: E731
         # decided on the whole set, so every process decodes alike
         references = [e.reference for e in examples if decodable(e)]
@@ -204,18 +216,21 @@ def score_examples(
         predictions = generate(model, [e.prompt_ids for e in gen], tokenizer, batch_size=batch_size, max_new_tokens=limit,
                                device=device, one_line=one_line)
         totals[3] += sum(exact_match(p, e.reference) for p, e in zip(predictions, gen))
+        totals[8] += sum(answer_contains(p, e.reference) for p, e in zip(predictions, gen))
         totals[4] += len(gen)
         predicted = [(rank + i * world_size, p) for i, p in zip(positions, predictions)]  # index in ``examples``
     if reduce is not None:
         totals = reduce(totals.to(device)).cpu()
     model.train(was_training)
-    loss_sum, targets, correct, hits, gen_total, mc_hits, mc_norm_hits, mc_total = totals.tolist()
+    loss_sum, targets, correct, hits, gen_total, mc_hits, mc_norm_hits, mc_total, contains_hits = totals.tolist()
     out = {"examples": len(examples), "target_tokens": int(targets)}
     if targets:
         loss = loss_sum / targets
         out.update(loss=loss, perplexity=math.exp(min(loss, 50.0)), token_accuracy=correct / targets)
     if gen_total:
         out["exact_match"] = hits / gen_total
+        if metric == "contains":
+            out["contains"] = contains_hits / gen_total
     if mc_total:
         out.update(mc_accuracy=mc_hits / mc_total, mc_accuracy_norm=mc_norm_hits / mc_total)
     if user_metric:

@@ -19,6 +19,7 @@ from forgetless.report.tables import short_count
 # (key in a set's scores, label, higher is better)
 SET_METRICS = (
     ("exact_match", "exact match", True),
+    ("contains", "contains", True),
     ("mc_accuracy", "multiple choice acc", True),
     ("token_accuracy", "token accuracy", True),
     ("loss", "loss", False),

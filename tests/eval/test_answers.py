@@ -3,7 +3,7 @@
 ``data/smollm2_generations.json`` holds real greedy continuations of SmolLM2-135M-Instruct (32 new
 tokens, cut at its first end-of-text / end-of-turn token only), recorded once with
 
-    python tests/eval/data/record_generations.py /tmp/smol/model/SmolLM2-135M-Instruct.Q4_1.gguf
+    python tests/eval/data/record_generations.py "$(forgetless fetch smollm2)"
 
 (the script's docstring says how to get the file). No model is needed here: the tests check the
 answer cut and the normalisation on those outputs, and decoding on a scripted tiny model.
@@ -20,7 +20,7 @@ from forgetless.config import DataConfig, TinyModelConfig
 from forgetless.data.formats import Encoder
 from forgetless.data.loading import Record
 from forgetless.eval.scoring import (
-    AUTO_MARGIN, answer_text, auto_max_new_tokens, exact_match, generate, normalize_answer, one_line_references, score_examples,
+    AUTO_MARGIN, answer_contains, answer_text, auto_max_new_tokens, exact_match, generate, normalize_answer, one_line_references, score_examples,
 )
 from forgetless.models.tiny import build_tiny_model, load_tiny_tokenizer
 
@@ -183,3 +183,21 @@ def test_sharded_exact_match_adds_up_and_decodes_alike():
     # process 1 holds only the " Rome" records, yet decodes to the whole set's bound (" Paris" + margin):
     # one loss pass, then one batch decoded to the limit
     assert forwards[1] == 1 + len(ids(" Paris")) + AUTO_MARGIN
+
+
+def test_contains_gives_a_chat_answer_credit_for_the_reference_as_whole_words():
+    # SmolLM2-135M-Instruct's own answers in its chat template (recorded by hand)
+    assert answer_contains("The capital of Kenya is Nairobi.", "Nairobi")
+    assert not exact_match("The capital of Kenya is Nairobi.", "Nairobi")
+    assert answer_contains("The capital of the United States is Washington, D.C.", "Washington, D.C.")
+    assert answer_contains("«SAN JOSÉ» is the capital", "San José")
+    assert not answer_contains("Nairobian food", "Nairobi")  # whole words only
+    assert not answer_contains("anything", "") and not answer_contains("", "Paris")
+
+
+def test_contains_metric_decodes_and_scores():
+    exs = pc_examples([{"prompt": "Q A", "completion": " Paris"}, {"prompt": "Q B", "completion": " Rome"}])
+    model = Scripted({ids("Q A")[-1]: ids(" It is Paris.") + [EOS], ids("Q B")[-1]: ids(" Milan") + [EOS]})
+    got = score_examples(model, exs, TOK, metric="contains", max_new_tokens=8)
+    assert got["contains"] == 0.5 and got["score"] == 0.5 and got["exact_match"] == 0.0
+    assert "contains" not in score_examples(model, exs, TOK, metric="exact_match", max_new_tokens=8)

