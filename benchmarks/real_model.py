@@ -54,8 +54,8 @@ ROWS: dict[str, tuple[dict, dict, tuple | None]] = {
     "lora (r=16, all linear)": ({"lora": {"r": 16, "alpha": 32}}, {"lr": ADAPTER_LR}, None),
     "freeze (train last 8 of 30 blocks)": ({"freeze": {"train_last_n": 8}}, {}, None),
     "bottleneck adapters": ({"bottleneck": {}}, {"lr": ADAPTER_LR}, None),
-    "l2sp": ({"l2sp": {}}, {}, ("l2sp", "weight", [0.01, 0.1, 1.0])),
-    "ewc": ({"ewc": {"samples": 64, "normalize": "mean"}}, {}, ("ewc", "weight", [1.0, 10.0, 100.0])),
+    "l2sp": ({"l2sp": {}}, {}, ("l2sp", "weight", [0.1, 0.3, 1.0])),
+    "ewc": ({"ewc": {"samples": 64, "normalize": "mean"}}, {}, ("ewc", "weight", [0.3, 3.0, 30.0])),
     "kl to the base (own data)": ({"kl": {}}, {}, ("kl", "weight", [0.3, 1.0, 3.0])),
     "mix general text": ({"mix": {"sources": {"general": "@general_mix"}}}, {}, ("mix", "ratio", [0.1, 0.25, 0.5])),
     "synthetic replay": ({"synthetic_replay": {"prompts": "@replay_prompts", "num_samples": 48, "temperature": 0.0,
@@ -236,7 +236,12 @@ def sweep(out: Path, threads: int) -> dict:
         for value in values:
             m = copy.deepcopy(methods)
             m[method][key] = value
-            row = run_row(out, f"{name} {key}={value}", run_config(out, f"{name} {key}={value}", m, train, "validation", base is None), threads)
+            config = run_config(out, f"{name} {key}={value}", m, train, "validation", base is None)
+            done = Path(config["output"]["dir"]) / "summary.json"
+            if done.exists() and (base is not None or json.loads(done.read_text())["before"]):  # a finished run of this value: kept
+                row = {"summary": json.loads(done.read_text())}
+            else:
+                row = run_row(out, f"{name} {key}={value}", config, threads)
             if base is None:
                 base = scores(row["summary"], "before")
             after = scores(row["summary"], "after")
