@@ -139,7 +139,8 @@ def run_config(probes: Probes, methods: dict, train: dict, *, split: str, before
     # a model that knows none of the capitals, or whose answers never end, has no such probe
     keep = {k: v for k, v in keep.items() if Path(v["path"]).stat().st_size > 0}
     if harness:
-        evaluation["harness"] = {"tasks": [f"forgetless_mcq_{split}"], "include_path": str(probes.file("lm_eval_tasks"))}
+        tasks = write_lm_eval_tasks(probes.file("lm_eval_tasks"))  # (again: the shipped files' paths are those of this install)
+        evaluation["harness"] = {"tasks": [f"forgetless_mcq_{split}"], "include_path": str(tasks)}
     return {
         "model": {"name_or_path": str(probes.base)},
         "data": {
@@ -211,7 +212,7 @@ def run_real_demo(out: Path, model: Optional[str] = None, overwrite: bool = Fals
     name, methods, train = DEMO_STRATEGY
     rows, base = [], None
     for label, m, t in (("full fine-tuning", {}, {}), (name, methods, train)):
-        say(f"forgetless: training SmolLM2 with {label} ({STEPS} steps) ...")
+        say(f"forgetless: training {probes.manifest['model']} with {label} ({STEPS} steps) ...")
         cfg = config_from_dict(run_config(probes, m, t, split="test", before=base is None, run_dir=out / "runs" / _slug(label),
                                           harness=False, progress=True))
         result = forgetless.train(cfg)

@@ -13,6 +13,9 @@ pytestmark = pytest.mark.slow
 def test_real_demo_pipeline_runs_and_refuses_to_overwrite(tmp_path, monkeypatch, capsys, one_thread):
     monkeypatch.setattr(real, "STEPS", 2)
     monkeypatch.setattr(real, "OWN_ANSWER_TOKENS", 8)
+    name, methods, train = real.DEMO_STRATEGY  # a random model's samples never end: keep them, short
+    replay = {**methods["synthetic_replay"], "max_new_tokens": 4, "drop_unfinished": False, "num_samples": 8}
+    monkeypatch.setattr(real, "DEMO_STRATEGY", (name, {**methods, "synthetic_replay": replay}, train))
     out = tmp_path / "demo-real"
     assert main(["demo", "--real", "--model", "tiny", "-o", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
