@@ -12,7 +12,8 @@ never asks the model for its logits:
 2. :meth:`Outputs.token_loss` and :func:`kl_sum_chunked` apply the head only to the rows that
    are scored, a chunk of rows at a time (``rows x vocab`` at most :data:`CHUNK_ELEMENTS`
    elements), each chunk under ``torch.utils.checkpoint`` so that its logits are freed at once
-   and recomputed in the backward pass: peak memory is one chunk's logits, not all of them.
+   and recomputed in the backward pass: peak memory is one chunk's logits, not all of them. Rows
+   that fit in one chunk are not checkpointed (keeping one chunk's logits is the same bound).
 
 Written by hand because no maintained library does it on every device: TRL's chunked NLL and
 Liger's fused linear cross-entropy are the anchors (Liger's kernels are Triton, CUDA only). The
@@ -111,7 +112,8 @@ class Outputs:
         step = self.chunk_rows()
         with self.autocast():
             for start in range(0, rows.shape[0], step):
-                part_loss, part_correct = _run_chunk(_ce_chunk, self.head, rows[start : start + step], targets[start : start + step])
+                part_loss, part_correct = _run_chunk(_ce_chunk, self.head, rows[start : start + step], targets[start : start + step],
+                                                     keep=rows.shape[0] <= step)
                 loss = loss + part_loss
                 correct.append(part_correct)
         return loss, torch.cat(correct) if correct else targets.new_zeros(0, dtype=torch.bool)
@@ -129,9 +131,11 @@ def _kl_chunk(head, student: torch.Tensor, teacher_head, teacher: torch.Tensor, 
     return F.kl_div(s, t, log_target=True, reduction="sum")
 
 
-def _run_chunk(fn, head, *args):
-    """``fn(head, *args)``; under checkpointing when a gradient will flow, so its logits are not kept."""
-    if torch.is_grad_enabled() and args[0].requires_grad:
+def _run_chunk(fn, head, *args, keep: bool = False):
+    """``fn(head, *args)``; under checkpointing when a gradient will flow, so that its logits are
+    not kept, unless ``keep`` (the rows are a single chunk: keeping its logits costs no more than
+    one chunk, and recomputing them would)."""
+    if not keep and torch.is_grad_enabled() and args[0].requires_grad:
         return checkpoint(fn, head, *args, use_reentrant=False)
     return fn(head, *args)
 
@@ -157,7 +161,8 @@ def kl_sum_chunked(student: Outputs, teacher: Outputs, select: torch.Tensor, tem
     with student.autocast():
         for start in range(0, s_rows.shape[0], step):
             end = start + step
-            total = total + _run_chunk(_kl_chunk, student.head, s_rows[start:end], teacher.head, t_rows[start:end], temperature)
+            total = total + _run_chunk(_kl_chunk, student.head, s_rows[start:end], teacher.head, t_rows[start:end], temperature,
+                                       keep=s_rows.shape[0] <= step)
     return total * temperature**2
 
 

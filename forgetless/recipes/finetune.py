@@ -119,7 +119,12 @@ def build_optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     t = cfg.train
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    params = decay + no_decay
+    # the fused kernel (HF Trainer's default, adamw_torch_fused): one kernel for all tensors instead
+    # of a loop over them, several times faster on CPU as on GPU; same update to float rounding
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                             fused=fused or None)
 
 
 def build_scheduler(optimizer, cfg: RunConfig, total_steps: int):
