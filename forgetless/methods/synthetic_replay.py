@@ -8,7 +8,8 @@ arXiv 2403.01244, and LAMOL, Sun et al. 2020, arXiv 1909.03329).
 - ``prompts: <dataset>``: the prompt part of each record (``prompt``, or a conversation up to its
   last assistant turn) is given to the model, and its continuation becomes the completion
   (resp. the assistant turn). A dataset of conversations without an assistant turn (user turns
-  only: prompts for generation) gives the whole conversation, and the answer is appended. Prompts are taken in a seeded random order, cycling.
+  only: prompts for generation) gives the whole conversation, and the answer is appended.
+  Prompts are taken in a seeded random order, cycling.
 - ``prompts: null``: free generation from the end-of-text token (plus an optional ``prefix``);
   the sample becomes a ``text`` record.
 
