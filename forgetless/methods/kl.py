@@ -41,9 +41,8 @@ import torch
 
 from forgetless.config import DatasetSpec, option
 from forgetless.data.batching import count_targets
-from forgetless.data.formats import IGNORE
 from forgetless.errors import ConfigError
-from forgetless.loss import Outputs, forward as lm_forward, kl_sum, kl_sum_chunked
+from forgetless.loss import Outputs, forward as lm_forward, kl_sum, kl_sum_chunked, target_positions
 from forgetless.methods.base import Context, Method
 from forgetless.registry import register, REGULARIZE, STARTS_AT_BASE
 from forgetless.models.adapters import adapters_disabled, has_adapters, is_peft_model
@@ -145,7 +144,7 @@ class KL(Method):
 
     def _selected(self, batch) -> torch.Tensor:
         if self.cfg.positions == "targets":
-            return batch["labels"][:, 1:] != IGNORE
+            return target_positions(batch["labels"])
         return batch["attention_mask"][:, 1:] == 1
 
     def _kl(self, model, batch, out: Outputs, select) -> torch.Tensor:
