@@ -23,6 +23,10 @@ draws them, so that every side sees the tensors forgetless does.
 - ``bare loop + PEFT``, ``forgetless lora``, ``Trainer + PEFT``: the same three on LoRA
   (r 8, alpha 16, no dropout, every linear layer but the output head), through PEFT on every side.
 
+With ``--bf16`` the table adds forgetless's rows in lower precision, float32 weights under bf16
+autocast (``train.mixed_precision=bf16``) and bf16 weights (``model.dtype=bfloat16``), each
+compared with forgetless in float32 of its kind (the peers stay in float32).
+
 The table gives each row's step time as a ratio to the bare loop and to the Trainer of its kind:
 full fine-tuning rows to ``bare loop`` and ``HF Trainer``, LoRA rows to ``bare loop + PEFT`` and
 ``Trainer + PEFT``. It also names the optimiser each side ended up with.
@@ -39,6 +43,9 @@ batch, so they must agree (to ~1e-5); the last step's losses are compared too.
 
     python benchmarks/peers.py --model tiny --steps 20 --warmup 4 --batch 8 --threads 1 --repeats 2 --json benchmarks/peers_tiny.json
     python benchmarks/peers.py --model "$(forgetless fetch smollm2)" --steps 10 --warmup 3 --batch 8 --threads 1 --repeats 2 --json benchmarks/peers_smollm2.json
+    python benchmarks/peers.py --model "$(forgetless fetch smollm2)" --steps 10 --warmup 3 --batch 8 --threads 1 --repeats 2 \
+        --only "forgetless full" "forgetless lora" "forgetless full, bf16 autocast" "forgetless full, bf16 weights" \
+        "forgetless lora, bf16 autocast" --json benchmarks/peers_smollm2_bf16.json
 """
 
 from __future__ import annotations
@@ -63,6 +70,16 @@ CONFIGS: dict[str, tuple[str, str, bool]] = {
     "bare loop + PEFT": ("bare", "lora", False),
     "forgetless lora": ("forgetless", "lora", False),
     "Trainer + PEFT": ("trainer", "lora", False),
+    "forgetless full, bf16 autocast": ("forgetless", "full", False),
+    "forgetless full, bf16 weights": ("forgetless", "full", False),
+    "forgetless lora, bf16 autocast": ("forgetless", "lora", False),
+}
+# the rows --bf16 adds: forgetless alone in lower precision, (model.dtype, train.mixed_precision); the
+# other rows are float32 without autocast
+PRECISION = {
+    "forgetless full, bf16 autocast": ("float32", "bf16"),
+    "forgetless full, bf16 weights": ("bfloat16", "no"),
+    "forgetless lora, bf16 autocast": ("float32", "bf16"),
 }
 # the references of each row's two ratios: (bare, Trainer)
 REFERENCES = {"full": ("bare loop", "HF Trainer"), "lora": ("bare loop + PEFT", "Trainer + PEFT")}
@@ -70,13 +87,14 @@ TARGETS = {"forgetless full": "<= 1.05x bare, <= 1.00x Trainer", "forgetless lor
 LR, SEED, LORA_R, LORA_ALPHA = 1e-4, 42, 8, 16
 
 
-def overrides(args, adapter: str, out_dir: str) -> list[str]:
+def overrides(args, adapter: str, out_dir: str, precision: tuple[str, str] = ("float32", "no")) -> list[str]:
     """The forgetless configuration of every side (the peers read their data and model from it too)."""
+    dtype, mixed = precision
     o = [
-        f"model.name_or_path={args.model}", "model.dtype=float32", f"data.train={args.data}", f"data.max_length={args.max_length}",
+        f"model.name_or_path={args.model}", f"model.dtype={dtype}", f"data.train={args.data}", f"data.max_length={args.max_length}",
         f"train.seed={SEED}", f"train.max_steps={args.steps}", f"train.micro_batch_size={args.batch}", "train.grad_accum_steps=1",
         f"train.lr={LR}", "train.weight_decay=0", "train.scheduler=constant", "train.warmup_steps=0",
-        f"train.max_grad_norm={args.max_grad_norm if args.max_grad_norm > 0 else 'null'}", "train.mixed_precision='no'",
+        f"train.max_grad_norm={args.max_grad_norm if args.max_grad_norm > 0 else 'null'}", f"train.mixed_precision='{mixed}'",
         "eval.before=false", "eval.generation=false", "eval.max_examples=1",
         f"output.dir={out_dir}", "output.progress=false", "output.log_every=1", "output.save_model=false", "output.checkpoint_every=0",
     ]
@@ -274,7 +292,7 @@ def run_trainer(args, cfg, adapter: str, steps: list[dict], device) -> dict:
             "optimizer": f"optim={getattr(targs.optim, 'value', targs.optim)}: {_describe(trainer.optimizer)}"}
 
 
-def run_forgetless(args, adapter: str, steps: list[dict], device) -> dict:
+def run_forgetless(args, adapter: str, steps: list[dict], device, precision: tuple[str, str] = ("float32", "no")) -> dict:
     import forgetless
     import forgetless.recipes.finetune as ft
 
@@ -296,7 +314,7 @@ def run_forgetless(args, adapter: str, steps: list[dict], device) -> dict:
 
     ft._step, ft._train_steps = timed_step, timed_loop
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = forgetless.load_config(None, overrides(args, adapter, f"{tmp}/run"))
+        cfg = forgetless.load_config(None, overrides(args, adapter, f"{tmp}/run", precision))
         result = forgetless.train(cfg)
         recs = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "loss" in r]
@@ -317,7 +335,7 @@ def child(args) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps = json.loads(Path(args.steps_file).read_text())
     if impl == "forgetless":
-        row = run_forgetless(args, adapter, steps, device)
+        row = run_forgetless(args, adapter, steps, device, PRECISION.get(args.config, ("float32", "no")))
     else:
         cfg = forgetless.load_config(None, overrides(args, adapter, "unused"))
         row = run_bare(args, cfg, adapter, fused, steps, device) if impl == "bare" else run_trainer(args, cfg, adapter, steps, device)
@@ -368,6 +386,7 @@ def main() -> None:
     ap.add_argument("--device", choices=["auto", "cpu"], default="auto", help="cpu: hide any GPU from the runs")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each configuration (round-robin); the fastest is kept")
     ap.add_argument("--only", nargs="*", help="names of configurations to run")
+    ap.add_argument("--bf16", action="store_true", help="add forgetless's bf16 rows (autocast, bf16 weights) to the float32 ones")
     ap.add_argument("--json", type=Path, help="where to write the results")
     ap.add_argument("--config", help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--steps-file", help=argparse.SUPPRESS)
@@ -377,7 +396,7 @@ def main() -> None:
     if args.config:
         child(args)
         return
-    names = [n for n in CONFIGS if not args.only or n in args.only]
+    names = [n for n in CONFIGS if (n in args.only if args.only else (args.bf16 or n not in PRECISION))]
     if args.only and len(names) != len(args.only):
         ap.error(f"--only: unknown configuration(s) {sorted(set(args.only) - set(CONFIGS))}; known: {list(CONFIGS)}")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
@@ -413,15 +432,22 @@ def main() -> None:
         import transformers
 
         versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
-        args.json.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("config", "steps_file")},
+        saved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("config", "steps_file")}
+        saved["model"] = _model_name(args.model)
+        args.json.write_text(json.dumps({"args": saved,
                                          "versions": versions, "tokens_per_step": tokens,
                                          "micro_batches_per_step": [s["micro_batches"] for s in steps], "results": results}, indent=1) + "\n")
+
+
+def _model_name(model: str) -> str:
+    """A local model by its file or folder name (where it lies on this machine says nothing)."""
+    return Path(model).name if Path(model).exists() else model
 
 
 def markdown(results: dict, args, tokens: float, steps: list[dict]) -> str:
     any_row = next(iter(results.values()), {})
     lines = [
-        f"Model {args.model}; data {args.data} ({tokens:.0f} real tokens per step on average, batch {args.batch}); {args.steps} steps, "
+        f"Model {_model_name(args.model)}; data {args.data} ({tokens:.0f} real tokens per step on average, batch {args.batch}); {args.steps} steps, "
         f"median step time after {args.warmup} warm-up steps, fastest of {args.repeats} round-robin runs; {args.threads} thread(s), "
         f"{any_row.get('device', '?')}; clipping {args.max_grad_norm or 'off'} on every side.",
         "",
@@ -435,11 +461,15 @@ def markdown(results: dict, args, tokens: float, steps: list[dict]) -> str:
 
     for name, r in results.items():
         bare, trainer = REFERENCES[CONFIGS[name][1]]
-        lines.append(f"| {name} | {r['step_s'] * 1000:.1f} ms | {ratio(r, bare)} | {ratio(r, trainer)} | {TARGETS.get(name, '')} | "
+        target = TARGETS.get(name, "")
+        if name in PRECISION:
+            ref = f"forgetless {CONFIGS[name][1]}"
+            target = f"{ratio(r, ref)} of {ref} (float32)"
+        lines.append(f"| {name} | {r['step_s'] * 1000:.1f} ms | {ratio(r, bare)} | {ratio(r, trainer)} | {target} | "
                      f"{r['tokens_per_s']:,.0f} | {r['peak_mb']:.0f} MB | {r['trainable_params']:,} | {r['losses'][0]:.6f} | {r['optimizer']} |")
     checks = []
     for adapter in ("full", "lora"):
-        rows = {n: r for n, r in results.items() if CONFIGS[n][1] == adapter}
+        rows = {n: r for n, r in results.items() if CONFIGS[n][1] == adapter and n not in PRECISION}
         if len(rows) > 1:
             first = [r["losses"][0] for r in rows.values()]
             last = [r["losses"][-1] for r in rows.values()]

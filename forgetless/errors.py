@@ -18,3 +18,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A problem in a data file or a record."""
+
+
+class ForgetlessWarning(UserWarning):
+    """Something in the user's input that forgetless works around but the user should know (shown once)."""

@@ -127,6 +127,14 @@ class ModelConfig:
     tiny: TinyModelConfig = option(factory=TinyModelConfig, help="Shape of the built-in tiny model.")
 
 
+# the record fields forgetless reads (forgetless/data/formats.py, chat.py, conversions.py): what
+# DatasetSpec.columns may map a dataset's columns onto
+RECORD_FIELDS = (
+    "text", "prompt", "completion", "messages", "conversations", "question", "choices", "answer",
+    "instruction", "input", "output", "system", "history", "tools", "chat_template_kwargs",
+)
+
+
 @dataclass
 class DatasetSpec:
     """One dataset: a file, a hub id, or a shipped demo set."""
@@ -144,6 +152,13 @@ class DatasetSpec:
         "{question (or prompt), choices, answer (index or text)}.",
     )
     limit: Optional[int] = option(None, "Use only the first N records.")
+    columns: dict[str, str] = option(
+        factory=dict,
+        help="Rename the dataset's columns to forgetless's fields, {field: column}, e.g. {prompt: question, "
+        "completion: answer} or {messages: dialog}. ShareGPT (conversations with from/value) and alpaca "
+        "(instruction/input/output) records are converted without it; preference (chosen/rejected) and KTO "
+        "(label) records are refused.",
+    )
     metric: Optional[str] = option(
         None,
         "The set's headline 'score': exact_match, contains (the reference appears in the answer as whole words, "
@@ -160,6 +175,15 @@ class DatasetSpec:
             raise ConfigError(f"{where}.path is empty: give a data file, a hub dataset id or demo:NAME")
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"{where}.limit must be a positive number of records, got {self.limit}")
+        for name, column in self.columns.items():
+            if name not in RECORD_FIELDS:
+                close = difflib.get_close_matches(name, RECORD_FIELDS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f"; fields: {', '.join(RECORD_FIELDS)}"
+                raise ConfigError(f"{where}.columns: {name!r} is not a field forgetless reads{hint}")
+            if not column:
+                raise ConfigError(f"{where}.columns.{name} is empty; give the dataset's column name")
+        if len(set(self.columns.values())) != len(self.columns):
+            raise ConfigError(f"{where}.columns maps one column to several fields; give each field its own column")
         if self.metric is not None:
             check_metric(self.metric, f"{where}.metric")
 
@@ -196,6 +220,11 @@ class DataConfig:
         None,
         "Jinja chat template for 'messages' data when the tokenizer has none, or 'chatml' for the "
         "ChatML template.",
+    )
+    chat_template_kwargs: dict[str, Any] = option(
+        factory=dict,
+        help="Extra variables for the chat template, e.g. {enable_thinking: false} for Qwen3; a record's own "
+        "chat_template_kwargs override them.",
     )
 
     def validate(self, where: str) -> None:

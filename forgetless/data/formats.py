@@ -12,30 +12,22 @@
   and trailing whitespace of the prompt is moved to the start of the choice before tokenizing (as
   lm-eval's ``_encode_pair`` does), so ``"Answer: "`` + ``"Paris"`` is scored as ``" Paris"``.
 
-For chat data the assistant spans are found by rendering the conversation up to each assistant
-turn (with and without that turn) and mapping the character spans onto tokens through the fast
-tokenizer's offsets. This works with any prefix-consistent template, unlike transformers'
-``return_assistant_tokens_mask``, which needs ``{% generation %}`` markers in the template.
+Chat data (TRL's conversational forms, with tools and reasoning) is validated and its assistant
+tokens located by :mod:`forgetless.data.chat`; the layouts of other tools (ShareGPT, alpaca,
+renamed columns) are converted as records are read (:mod:`forgetless.data.conversions`).
 """
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Optional
 
 from forgetless.config import DataConfig
+from forgetless.data.chat import ROLES, ChatTemplate, check_encodable, conversation, is_conversational, is_prompt_only  # noqa: F401 (re-exported)
 from forgetless.data.loading import Record
 from forgetless.errors import DataError
 
 IGNORE = -100
-
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 @dataclass
@@ -75,35 +67,11 @@ class EncodeStats:
     formats: dict[str, int] = field(default_factory=dict)
 
 
-def check_messages(rec: Record) -> list[dict]:
-    """The record's ``messages``, or a DataError naming the record and the bad message."""
-    msgs = rec.data.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{rec.where}: field 'messages' must be a non-empty list of {{'role', 'content'}} objects")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{rec.where}: messages[{i}] must be an object with string 'role' and 'content'")
-        if not m["role"].strip():
-            raise DataError(f"{rec.where}: messages[{i}].role is empty; give it a role such as 'user' or 'assistant'")
-        _check_encodable(m["role"], rec.where, f"messages[{i}].role")
-        _check_encodable(m["content"], rec.where, f"messages[{i}].content")
-        typo = _misspelt_role(m["role"])
-        if typo:
-            raise DataError(f"{rec.where}: messages[{i}].role {m['role']!r} is not a known role (did you mean {typo!r}?); fix the role")
-    return msgs
-
-
-def is_prompt_only(data: dict) -> bool:
-    """A conversation without an assistant turn yet (a prompt for generation, TRL's conversational prompt-only form)."""
-    msgs = data.get("messages")
-    return isinstance(msgs, list) and bool(msgs) and not any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs)
-
-
 def detect_format(rec: Record, requested: str = "auto") -> str:
     """The format of a record, or a DataError naming the record and its fields."""
     d = rec.data
     if requested == "auto":
-        if "messages" in d:
+        if is_conversational(d):
             fmt = "messages"
         elif "choices" in d and "completion" not in d:
             fmt = "multiple_choice"
@@ -135,7 +103,7 @@ def _validate(rec: Record, fmt: str) -> None:
             raise DataError(f"{rec.where}: field {key!r} must be a string, got {type(d[key]).__name__}")
         if not allow_empty and not d[key].strip():
             raise DataError(f"{rec.where}: field {key!r} is empty; give it text or remove the record")
-        _check_encodable(d[key], rec.where, key)
+        check_encodable(d[key], rec.where, key)
 
     if fmt == "text":
         need_str("text")
@@ -145,23 +113,7 @@ def _validate(rec: Record, fmt: str) -> None:
         need_str("prompt", allow_empty=True)
         need_str("completion")
     else:
-        msgs = check_messages(rec)
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise DataError(f"{rec.where}: the conversation has no 'assistant' message, so nothing to learn; add one or drop the record")
-
-
-def _check_encodable(text: str, where: str, key: str) -> None:
-    """JSON can spell an unpaired surrogate (``"\\udc80"``), which no tokenizer accepts."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise DataError(
-            f"{where}: field {key!r} holds an unpaired surrogate {text[e.start]!r} at character {e.start}; "
-            f"fix the text (it is not valid Unicode)"
-        ) from None
-
-
-ROLES = ("system", "developer", "user", "assistant", "tool")
+        conversation(d, rec.where)
 
 
 def _validate_choice(rec: Record) -> None:
@@ -171,12 +123,12 @@ def _validate_choice(rec: Record) -> None:
         raise DataError(f"{rec.where}: a multiple-choice record needs a 'question' (or 'prompt') field; add it")
     if not isinstance(d[key], str):
         raise DataError(f"{rec.where}: field {key!r} must be a string, got {type(d[key]).__name__}")
-    _check_encodable(d[key], rec.where, key)
+    check_encodable(d[key], rec.where, key)
     choices = d.get("choices")
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
         raise DataError(f"{rec.where}: field 'choices' must be a list of at least two non-empty strings, got {choices!r:.120}")
     for i, c in enumerate(choices):
-        _check_encodable(c, rec.where, f"choices[{i}]")
+        check_encodable(c, rec.where, f"choices[{i}]")
     if "answer" not in d:
         raise DataError(f"{rec.where}: field 'answer' is missing; give the index of the correct choice (0-based) or its text")
     choice_answer(rec)
@@ -208,17 +160,6 @@ def choice_continuation(prompt: str, choice: str) -> tuple[str, str]:
     return context, prompt[len(context):] + sep + choice
 
 
-def _misspelt_role(role: str) -> Optional[str]:
-    """The standard role that ``role`` is a near miss of ('Assistant', 'asistant', ' user'), else None.
-
-    Other roles pass: a chat template may define its own (and says so itself when it does not).
-    """
-    if role in ROLES:
-        return None
-    close = difflib.get_close_matches(role.strip().lower(), ROLES, n=1, cutoff=0.75)
-    return close[0] if close else None
-
-
 class Encoder:
     """Tokenizes records of any format into :class:`Example` objects, counting what it cuts."""
 
@@ -227,8 +168,7 @@ class Encoder:
         self.cfg = data_cfg
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and _adds_bos(tokenizer) else []
         self.eos = tokenizer.eos_token_id
-        template = data_cfg.chat_template
-        self.chat_template = CHATML if template == "chatml" else template
+        self.chat = ChatTemplate(tokenizer, data_cfg.chat_template)
 
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -287,49 +227,53 @@ class Encoder:
             choices=conts, choice_chars=[len(c) for c in d["choices"]], answer=answer,
         )
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
-        if self.chat_template is None and not getattr(self.tok, "chat_template", None):
-            raise DataError(
-                f"{where}: 'messages' data needs a chat template, and this model's tokenizer has none; "
-                f"set data.chat_template=chatml (or a Jinja template), or use prompt/completion records"
-            )
-        try:
-            return self.tok.apply_chat_template(
-                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        except Exception as e:  # a template may raise on roles it does not know
-            raise DataError(f"{where}: the chat template failed on this conversation ({str(e).splitlines()[0][:160]})") from None
+    def _conversation(self, rec: Record, need_assistant: bool = True):
+        conv = conversation(rec.data, rec.where, self.cfg.chat_template_kwargs, need_assistant)
+        self.chat.require(rec.where)
+        self.chat.check_roles(conv, rec.where)
+        return self.chat.prepare(conv)
 
     def encode_prompt(self, rec: Record) -> list[int]:
         """The token ids a model is given for a prompt-only conversation (:func:`is_prompt_only`):
         the conversation rendered with the generation prompt of the assistant's turn."""
-        msgs = [{"role": m["role"], "content": m["content"]} for m in check_messages(rec)]
-        return self._ids(self._render(msgs, True, rec.where))
+        conv = self._conversation(rec, need_assistant=False)
+        return self._ids(self.chat.generation_prompt(conv, conv.messages, rec.where))
 
     def _encode_messages(self, rec: Record) -> Example:
-        msgs = [{"role": m["role"], "content": m["content"]} for m in rec.data["messages"]]
-        full = self._render(msgs, False, rec.where)
-        spans = []
-        for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            prefix = self._render(msgs[:i], True, rec.where) if i else ""
-            upto = self._render(msgs[: i + 1], False, rec.where)
-            if not (full.startswith(upto) and upto.startswith(prefix)):
-                raise DataError(
-                    f"{rec.where}: the chat template renders this conversation differently from its prefixes, "
-                    f"so the assistant tokens cannot be located; use a prefix-consistent data.chat_template"
-                )
-            spans.append((len(prefix), len(upto)))
-        enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        """The conversation rendered once; loss on the assistant turns (of the completion, for
+        conversational prompt-completion records) as :mod:`forgetless.data.chat` locates them."""
+        conv = self._conversation(rec)
+        text = self.chat.render(conv, where=rec.where)
+        pieces = self.chat.layout(conv, text, rec.where)  # also refuses templates that drop a message
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
-        labels = [IGNORE] * len(ids)
-        for j, (s, e) in enumerate(enc["offset_mapping"]):
-            if not self.cfg.completion_only_loss or any(a <= s < b for a, b in spans):
-                labels[j] = ids[j]
-        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        prompt_ids = self._ids(self._render(msgs[:last], True, rec.where)) if last else None
-        return Example(ids, labels, rec.where, prompt_ids=prompt_ids, reference=msgs[last]["content"])
+        if not self.cfg.completion_only_loss:
+            trained = [True] * len(ids)
+        elif self.chat.has_generation_tags:
+            trained = self._generation_mask(conv, text, pieces, enc, rec.where)
+        else:
+            spans = self.chat.assistant_spans(conv, text, pieces)
+            # a token is the assistant's when it overlaps an assistant span (as transformers' mask does), so
+            # a token that merges the template's space with the answer's first word (" Paris") is trained
+            trained = [any(s < b and e > a for a, b in spans) for s, e in enc["offset_mapping"]]
+        labels = [t if keep else IGNORE for t, keep in zip(ids, trained)]
+        last = max(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
+        prompt_ids = self._ids(self.chat.generation_prompt(conv, conv.messages[:last], rec.where)) if last else None
+        return Example(ids, labels, rec.where, prompt_ids=prompt_ids, reference=conv.messages[last]["content"])
+
+    def _generation_mask(self, conv, text: str, pieces, enc, where: str) -> list[bool]:
+        """The template's own ``{% generation %}`` spans (transformers' assistant mask), from the completion on."""
+        try:
+            out = self.tok.apply_chat_template(
+                conv.messages, tools=conv.tools, chat_template=self.chat.template, tokenize=True, return_dict=True,
+                return_assistant_tokens_mask=True, **conv.kwargs,
+            )
+        except Exception as e:
+            raise DataError(f"{where}: the chat template failed on this conversation ({str(e).splitlines()[0][:160]})") from None
+        if list(out["input_ids"]) != list(enc["input_ids"]):
+            raise DataError(f"{where}: the chat template tokenizes differently with its assistant mask; report this template")
+        begin = min([p.start for p in pieces if p.message >= conv.first_trained], default=0) if conv.first_trained else 0
+        return [bool(m) and s >= begin for m, (s, _) in zip(out["assistant_masks"], enc["offset_mapping"])]
 
     def _fit(self, ex: Example, stats: EncodeStats) -> Optional[Example]:
         """Apply max_length: truncate or drop, and drop examples left with no target token."""

@@ -2,7 +2,9 @@
 
 JSONL is parsed here line by line so that a broken line is reported with its number; JSON, CSV
 and Parquet go through ``datasets``; a hub id goes through ``datasets.load_dataset``. Every
-record keeps where it came from (``file:line`` or ``file row N``) for error messages.
+record keeps where it came from (``file:line`` or ``file row N``) for error messages. Records in
+other tools' layouts (ShareGPT, alpaca, renamed columns) are converted as they are read
+(forgetless/data/conversions.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from forgetless.config import DatasetSpec
 from forgetless.data.builtin import builtin_path, is_builtin
+from forgetless.data.conversions import convert
 from forgetless.errors import DataError
 
 
@@ -44,7 +47,8 @@ def load_records(spec: DatasetSpec) -> list[Record]:
         records = _read_hub(spec)
     if not records:
         raise DataError(f"{path}: the dataset is empty; it needs at least one record")
-    return records[: spec.limit] if spec.limit else records
+    records = records[: spec.limit] if spec.limit else records
+    return [Record(convert(r.data, r.where, spec.columns), r.where) for r in records]
 
 
 def _read_jsonl(p: Path, limit: int | None) -> list[Record]:

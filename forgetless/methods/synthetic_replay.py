@@ -262,10 +262,12 @@ def completed(record: dict, fmt: str, text: str) -> dict:
         return {"text": record["text"] + text}
     if fmt == "prompt_completion":
         return {"prompt": record["prompt"], "completion": text}
-    messages = record["messages"]
+    # a conversation: {"messages"} or TRL's conversational {"prompt": [...], "completion": [...]}
+    messages = record["messages"] if "messages" in record else list(record["prompt"]) + list(record.get("completion") or [])
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     last = turns[-1] if turns else len(messages)  # a prompt-only conversation: the answer is appended
-    return {"messages": [dict(m) for m in messages[:last]] + [{"role": "assistant", "content": text}]}
+    extra = {k: record[k] for k in ("tools", "chat_template_kwargs") if k in record}
+    return {"messages": [dict(m) for m in messages[:last]] + [{"role": "assistant", "content": text}], **extra}
 
 
 register(
