@@ -68,16 +68,30 @@ def eval_progress(total: int, description: str, enabled: bool) -> Iterator:
         yield lambda n: p.advance(task, n)
 
 
+# Warnings the model libraries raise on forgetless's own path, which a user can do nothing about:
+# (category, message pattern, why). Everything else is shown, once per place it comes from.
+KNOWN_NOISE = (
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated", "PEFT asks transformers 5 for the old attribute name"),
+)
+
+
 def quiet_libraries() -> None:
-    """Silence the model libraries' warnings, logs and progress bars: forgetless shows its own."""
+    """Keep the model libraries' output to what a user can act on: forgetless shows its own progress.
+
+    Their progress bars are off and their known noise (:data:`KNOWN_NOISE`) is silenced; every other
+    warning, of transformers, PEFT, a chat template, a tokenizer or forgetless itself, is shown
+    once, on one line: ``forgetless: warning: ...``.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
 
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.simplefilter("once")  # a tokenizer or template warning raised per record is shown once
+    for category, pattern, _ in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
+    warnings.showwarning = _show_warning
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
+    hf_logging.set_verbosity_warning()  # transformers' own warning_once messages stay, its info goes
     hf_logging.disable_progress_bar()
     try:
         from datasets.utils.logging import disable_progress_bar
@@ -85,3 +99,23 @@ def quiet_libraries() -> None:
         disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """One line per warning; a library's names the package it comes from."""
+    from forgetless.errors import ForgetlessWarning
+
+    text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+    if not issubclass(category, ForgetlessWarning):
+        package = _package_of(filename)
+        text = f"{text} ({category.__name__}{' from ' + package if package else ''})"
+    print(f"forgetless: warning: {text}", file=file or sys.stderr)
+
+
+def _package_of(filename: str) -> str:
+    parts = os.path.normpath(filename).split(os.sep)
+    if "site-packages" in parts:
+        i = parts.index("site-packages")
+        if i + 1 < len(parts):
+            return parts[i + 1].removesuffix(".py")
+    return ""

@@ -187,7 +187,11 @@ def _build(cls: type, value: Any, key: str, src: _Source, base_dir: Path) -> Any
             hint = f" (did you mean {close[0]!r}?)" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"{src.where(sub)}: unknown key {k!r}{hint}")
         kwargs[k] = _convert(v, hints[k], sub, src, base_dir)
-        if fields[k].metadata.get("path"):
+        kind = fields[k].metadata.get("path")
+        if kind == "template":  # a chat template: a file name is resolved, the template text itself is not
+            if isinstance(kwargs[k], str) and kwargs[k].endswith(TEMPLATE_SUFFIXES) and "{" not in kwargs[k]:
+                kwargs[k] = _resolve_path_option(kwargs[k], base_dir, in_file=src.file is not None)
+        elif kind:
             kwargs[k] = _resolve_path_option(kwargs[k], base_dir, in_file=src.file is not None)
     return cls(**kwargs)
 
@@ -268,6 +272,7 @@ def _resolve_data_path(path: str, base_dir: Path) -> str:
 
 
 DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt"}
+TEMPLATE_SUFFIXES = (".jinja", ".j2", ".jinja2")
 
 
 def _resolve_metric_path(metric: Optional[str], base_dir: Path) -> Optional[str]:

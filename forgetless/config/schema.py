@@ -23,12 +23,13 @@ from forgetless.registry import check_combination
 PATH_NOTE = "(path: relative to the YAML file)"
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None, path: bool = False) -> Any:
+def option(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None, path: Union[bool, str] = False) -> Any:
     """A dataclass field with a help text.
 
     ``path=True`` marks a file or folder path (a string, or a list of them): the loader makes a
     relative one absolute against the YAML file's folder, like a data path, and the reference
-    notes it with :data:`PATH_NOTE`.
+    notes it with :data:`PATH_NOTE`. ``path="template"``: the same, only for a value that names a
+    .jinja file (a chat template may be given as text too).
     """
     metadata = {"help": help, "path": path}
     if factory is not None:
@@ -127,6 +128,10 @@ class ModelConfig:
     tiny: TinyModelConfig = option(factory=TinyModelConfig, help="Shape of the built-in tiny model.")
 
 
+# the experiment trackers accelerate knows (accelerate.utils.LoggerType), with the module each needs
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
+
+
 # the record fields forgetless reads (forgetless/data/formats.py, chat.py, conversions.py): what
 # DatasetSpec.columns may map a dataset's columns onto
 RECORD_FIELDS = (
@@ -218,8 +223,9 @@ class DataConfig:
     )
     chat_template: Optional[str] = option(
         None,
-        "Jinja chat template for 'messages' data when the tokenizer has none, or 'chatml' for the "
-        "ChatML template.",
+        "Chat template for 'messages' data instead of the tokenizer's: a Jinja template, a .jinja file, "
+        "or 'chatml' for the ChatML template.",
+        path="template",
     )
     chat_template_kwargs: dict[str, Any] = option(
         factory=dict,
@@ -240,6 +246,9 @@ class DataConfig:
             raise ConfigError(f"{where}.max_length must be at least 2, got {self.max_length}")
         if self.eval_holdout < 0:
             raise ConfigError(f"{where}.eval_holdout must be >= 0, got {self.eval_holdout}")
+        template = self.chat_template
+        if template and template.endswith((".jinja", ".j2", ".jinja2")) and "{" not in template and not os.path.isfile(os.path.expanduser(template)):
+            raise ConfigError(f"{where}.chat_template: file {template} not found; give a .jinja file, a Jinja template or 'chatml'")
 
 
 @dataclass
@@ -386,9 +395,15 @@ class OutputConfig:
     save_model: bool = option(True, "Save the final weights and tokenizer under DIR/model.")
     log_every: int = option(10, "Write a metrics.jsonl record every N optimiser steps.")
     progress: bool = option(True, "Show a progress bar.")
-    tensorboard: bool = option(False, "Also log to TensorBoard under DIR/tensorboard (needs tensorboard).")
-    wandb: bool = option(False, "Also log to Weights & Biases (needs wandb and a login).")
-    wandb_project: str = option("forgetless", "Weights & Biases project.")
+    report_to: list[str] = option(
+        factory=list,
+        help="Experiment trackers that also get every metrics record and the config, by accelerate's names: "
+        f"{', '.join(TRACKERS)} (each needs its package; TensorBoard writes under DIR/tensorboard).",
+    )
+    project: str = option("forgetless", "Project (or experiment) name the trackers file the run under: W&B project, MLflow experiment, ...")
+    tensorboard: bool = option(False, "Shortcut for report_to: [tensorboard].")
+    wandb: bool = option(False, "Shortcut for report_to: [wandb] (needs wandb and a login).")
+    wandb_project: Optional[str] = option(None, "Old name of output.project (still read when project is not set).")
     resume: bool = option(
         False,
         "Continue the run in dir from its latest checkpoint (--resume), to the same final weights and metrics as "
@@ -408,6 +423,11 @@ class OutputConfig:
     def validate(self, where: str) -> None:
         if self.log_every < 1:
             raise ConfigError(f"{where}.log_every must be at least 1, got {self.log_every}")
+        for i, name in enumerate(self.report_to):
+            if name not in TRACKERS:
+                close = difflib.get_close_matches(str(name).lower(), TRACKERS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"{where}.report_to[{i}]: unknown tracker {name!r}{hint}; known: {', '.join(TRACKERS)}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"{where}.checkpoint_every must be >= 0 (0 = no checkpoints), got {self.checkpoint_every}")
         if self.keep_last < 1:

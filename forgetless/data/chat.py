@@ -37,11 +37,13 @@ import json
 import re
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from forgetless.errors import DataError, ForgetlessWarning
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+TEMPLATE_SUFFIXES = (".jinja", ".j2", ".jinja2")
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _SENTINEL = "\u27e6fl{}\u27e7"  # ⟦fl3⟧: no template trims, escapes or tests for it
 _SENTINEL_RE = re.compile("\u27e6fl(\\d+)\u27e7")
@@ -198,6 +200,8 @@ class ChatTemplate:
         self.tok = tokenizer
         if template == "chatml":
             template = CHATML
+        elif template is not None and template.endswith(TEMPLATE_SUFFIXES) and "{" not in template:
+            template = Path(template).expanduser().read_text(encoding="utf-8")  # data.chat_template named a file
         if template is None:
             template = getattr(tokenizer, "chat_template", None)
             if isinstance(template, dict):  # named templates: the default one

@@ -141,15 +141,21 @@ def _mixed_precision(choice: str) -> str:
 
 
 def _trackers(cfg: RunConfig) -> list[str]:
-    wanted = []
-    for name, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
-        if getattr(cfg.output, name):
-            try:
-                __import__(module)
-            except ImportError:
-                raise UserError(f"output.{name}=true needs the {module} package: pip install {module}") from None
-            wanted.append(name)
+    """The trackers of ``output.report_to`` (and its shortcuts), each checked to be installed."""
+    from importlib.util import find_spec
+
+    out = cfg.output
+    wanted = list(dict.fromkeys([*out.report_to, *(["tensorboard"] if out.tensorboard else []), *(["wandb"] if out.wandb else [])]))
+    for name in wanted:
+        modules = ("tensorboard", "tensorboardX") if name == "tensorboard" else (name,)
+        if not any(find_spec(m) for m in modules):
+            raise UserError(f"output.report_to: {name} needs its package, which is not installed: pip install {modules[0].replace('_', '-')}")
     return wanted
+
+
+def _project(cfg: RunConfig) -> str:
+    out = cfg.output
+    return out.wandb_project if out.wandb_project and out.project == "forgetless" else out.project
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -161,7 +167,7 @@ def count_parameters(model) -> tuple[int, int]:
 def train(cfg: RunConfig) -> RunResult:
     """Fine-tune per ``cfg``; returns before/after scores and writes the run directory."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import ProjectConfiguration, set_seed
 
     cfg.validate()
     trackers = _trackers(cfg)
@@ -181,7 +187,7 @@ def train(cfg: RunConfig) -> RunResult:
         cpu=multi_process and not torch.cuda.is_available(),
         mixed_precision=_mixed_precision(cfg.train.mixed_precision),
         log_with=trackers or None,
-        project_dir=cfg.output.dir,
+        project_config=ProjectConfiguration(project_dir=cfg.output.dir, logging_dir=str(Path(cfg.output.dir) / "tensorboard")),
     )
     try:
         if multi_process and accelerator.num_processes == 1:
@@ -334,7 +340,7 @@ def _setup(cfg: RunConfig, accelerator, trackers: list[str], ckpt: Optional[Chec
             _save_run_config(cfg, run_dir)
     log = RunLog(run_dir / METRICS_FILE if main else None, accelerator, trackers, ckpt.trainer["metrics_bytes"] if ckpt else None)
     if trackers:
-        accelerator.init_trackers(out.wandb_project if "wandb" in trackers else "tensorboard", config=_tracker_config(cfg))
+        accelerator.init_trackers(_project(cfg), config=_tracker_config(cfg))
 
     if ckpt:
         state = TrainerState.from_json(ckpt.trainer)
