@@ -139,6 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         chat_template=args.chat_template,
         trust_remote_code=args.trust_remote_code,
         progress=True,
+        dtype=args.dtype,
     )
     _print_scores(results, metrics, title=f"eval {args.model}")
     out = Path(args.output) if args.output else (Path(args.model) / EVAL_FILE if resolve_model_dir(args.model) != args.model else Path(EVAL_FILE))
@@ -160,6 +161,11 @@ def _print_scores(results: dict, metrics: dict, title: str) -> None:
         table.add_row(name, str(r["examples"]), fmt(r, "score"), metrics.get(name, "-"), fmt(r, "loss"), fmt(r, "perplexity"),
                       fmt(r, "token_accuracy"), fmt(r, "exact_match"), fmt(r, "mc_accuracy"))
     console.print(table)
+
+
+def _dtype_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"), default="float32",
+                   help="dtype the weights are loaded in, as model.dtype (default float32; auto keeps the checkpoint's)")
 
 
 def _named_paths(items: list[str], flag: str, example: str = "NAME=PATH, e.g. {flag} old=old.jsonl") -> dict[str, str]:
@@ -185,6 +191,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
         args.run, base=args.base, new=_named_paths(args.new, "--new"), keep=_named_paths(args.keep, "--keep"),
         alphas=alphas, min_keep=args.min_keep, output=args.output, max_examples=args.max_examples,
         generation=not args.no_generation, max_new_tokens=args.max_new_tokens, progress=True, overwrite=args.overwrite,
+        dtype=args.dtype,
     )
     from rich.table import Table
 
@@ -330,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score the end-of-text token appended to each text / completion in loss and token accuracy")
     p.add_argument("--chat-template", default=None, help="chat template for 'messages' data when the tokenizer has none ('chatml' or Jinja)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code from the hub")
+    _dtype_flag(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -352,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest generation for exact match (default: each set's longest reference + 4 tokens)")
     p.add_argument("--no-generation", action="store_true", help="skip greedy decoding; judge by token accuracy")
+    _dtype_flag(p)
     p.set_defaults(func=cmd_interpolate)
 
     p = sub.add_parser(

@@ -37,16 +37,9 @@ def primary_score(metrics: dict[str, float]) -> float:
 
 def interpolate_state(base: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
     """``(1 - alpha) * base + alpha * finetuned`` for every tensor (floating point ones; others from finetuned)."""
-    if base.keys() != finetuned.keys():
-        missing = sorted(set(base) ^ set(finetuned))[:3]
-        raise UserError(f"cannot interpolate: the models have different parameters (e.g. {', '.join(missing)}); both must share one architecture")
-    out = {}
-    for k, b in base.items():
-        f = finetuned[k]
-        if b.shape != f.shape:
-            raise UserError(f"cannot interpolate: parameter {k} has shape {tuple(b.shape)} in the base and {tuple(f.shape)} in the fine-tuned model")
-        out[k] = torch.lerp(b.float(), f.float(), alpha).to(f.dtype) if f.is_floating_point() else f
-    return out
+    _check_same_shapes(base, finetuned)
+    return {k: torch.lerp(b.float(), finetuned[k].float(), alpha).to(finetuned[k].dtype) if finetuned[k].is_floating_point() else finetuned[k]
+            for k, b in base.items()}
 
 
 def plain_weights(model) -> torch.nn.Module:
@@ -87,17 +80,35 @@ def select_alpha(points: list[SweepPoint], roles: dict[str, str], min_keep: Opti
 class Interpolator:
     """Holds the base and fine-tuned weights and sets a working model to any alpha.
 
-    Memory: the two state dicts plus the working model (three copies of the weights).
+    Memory: three copies of the weights in the models' dtype, on the models' device (the
+    accelerator when there is one): the base's and the fine-tuned model's tensors, and the working
+    model (the fine-tuned model itself). ``at`` writes each tensor in place, interpolated in float32
+    one tensor at a time, so no fourth copy is ever built. The base model passed in may be freed.
     """
 
     def __init__(self, base_model, finetuned_model):
-        self.base_state = {k: v.detach().clone() for k, v in plain_weights(base_model).state_dict().items()}
         self.model = plain_weights(finetuned_model)
+        device = next(self.model.parameters()).device
+        self.base_state = {k: v.detach().to(device, copy=True) for k, v in plain_weights(base_model).state_dict().items()}
         self.ft_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        _check_same_shapes(self.base_state, self.ft_state)
 
+    @torch.no_grad()
     def at(self, alpha: float) -> torch.nn.Module:
-        self.model.load_state_dict(interpolate_state(self.base_state, self.ft_state, alpha))
+        live = self.model.state_dict()  # the model's own tensors: writing them sets the model
+        for k, target in live.items():
+            b, f = self.base_state[k], self.ft_state[k]
+            target.copy_(torch.lerp(b.float(), f.float(), alpha) if f.is_floating_point() else f)
         return self.model
+
+
+def _check_same_shapes(base: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor]) -> None:
+    if base.keys() != finetuned.keys():
+        missing = sorted(set(base) ^ set(finetuned))[:3]
+        raise UserError(f"cannot interpolate: the models have different parameters (e.g. {', '.join(missing)}); both must share one architecture")
+    for k, b in base.items():
+        if b.shape != finetuned[k].shape:
+            raise UserError(f"cannot interpolate: parameter {k} has shape {tuple(b.shape)} in the base and {tuple(finetuned[k].shape)} in the fine-tuned model")
 
 
 def sweep(interp: Interpolator, tokenizer, sets: dict, alphas: list[float], *, batch_size: int = 16,
@@ -127,13 +138,17 @@ def run_interpolation(
     max_new_tokens: Optional[int] = None,
     progress: bool = False,
     overwrite: bool = False,
+    dtype: str = "float32",
 ) -> dict:
     """Sweep alpha between a base and a fine-tuned model, write the chosen model and the table.
 
     ``run_or_model`` is a forgetless run directory (its base model and eval / keep sets are
     taken from its config.yaml unless given) or a fine-tuned model directory (then ``base`` and
-    the sets must be given).
+    the sets must be given). Both models are loaded in ``dtype`` (as ``model.dtype``) on the
+    accelerator when there is one.
     """
+    import dataclasses
+
     from forgetless.config import ModelConfig, load_config
     from forgetless.eval.run import load_eval_sets
     from forgetless.models import load_model, load_tokenizer
@@ -151,9 +166,10 @@ def run_interpolation(
         raise UserError(f"{out}: already exists; pass --overwrite to replace it, or choose --output")
     run_cfg = load_config(run_dir / CONFIG_FILE) if is_run else None
     if base is not None:
-        base_cfg, base_seed = ModelConfig(name_or_path=base), 0
+        base_cfg, base_seed = ModelConfig(name_or_path=base, dtype=dtype), 0
     elif run_cfg is not None:
-        base_cfg, base_seed = run_cfg.model, run_cfg.train.seed  # 'tiny' rebuilds the same random init from the seed
+        # 'tiny' rebuilds the same random init from the seed
+        base_cfg, base_seed = dataclasses.replace(run_cfg.model, dtype=dtype, device_map=None), run_cfg.train.seed
     else:
         raise UserError(f"{run_or_model}: not a run directory, so give the base model with --base")
     new, keep = dict(new or {}), dict(keep or {})
@@ -169,9 +185,9 @@ def run_interpolation(
     max_length = run_cfg.data.max_length if run_cfg is not None else 1024
     sets = load_eval_sets(tokenizer, {**new, **keep}, max_examples=max_examples, max_length=max_length)
     roles = {**{n: "new" for n in new}, **{n: "keep" for n in keep}}
-    base_model = load_model(base_cfg, load_tokenizer(base_cfg), seed=base_seed)
-    ft_model = load_model(ModelConfig(name_or_path=ft_dir), tokenizer)
-    interp = Interpolator(base_model, ft_model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ft_model = load_model(ModelConfig(name_or_path=ft_dir, dtype=dtype), tokenizer).to(device)
+    interp = Interpolator(load_model(base_cfg, load_tokenizer(base_cfg), seed=base_seed), ft_model)  # the base model is freed
     points = sweep(interp, tokenizer, sets, sorted(set(alphas)), batch_size=batch_size, generation=generation,
                    max_new_tokens=max_new_tokens, progress=progress)
     chosen = select_alpha(points, roles, min_keep)

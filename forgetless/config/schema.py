@@ -125,6 +125,17 @@ class ModelConfig:
         "Dtype the weights are loaded and trained in; 'auto' keeps the checkpoint's. float32 with "
         "train.mixed_precision=bf16 is the usual mixed-precision setup; bfloat16 trains in pure bf16.",
     )
+    attn_implementation: Optional[str] = option(
+        None,
+        "Attention kernel transformers uses: eager, sdpa, flash_attention_2, flex_attention, ... (null = "
+        "transformers' choice for the model, usually sdpa).",
+    )
+    device_map: Optional[str] = option(
+        None,
+        "Where transformers places the weights while loading: auto (spread over the GPUs, then CPU), cpu, "
+        "cuda:0, ... (single process only; null = load, then move to this process's device). transformers 5 "
+        "always loads without building a random-init copy first (what low_cpu_mem_usage did).",
+    )
     tiny: TinyModelConfig = option(factory=TinyModelConfig, help="Shape of the built-in tiny model.")
 
 

@@ -80,8 +80,10 @@ def evaluate_with_metrics(
     trust_remote_code: bool = False,
     progress: bool = False,
     metrics: Optional[dict[str, str]] = None,
+    dtype: str = "float32",
 ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
-    """:func:`evaluate`, and the metric each set's ``score`` is (resolved and checked before the model loads)."""
+    """:func:`evaluate`, and the metric each set's ``score`` is (resolved and checked before the model loads).
+    ``dtype``: as ``model.dtype`` (``auto`` keeps the checkpoint's)."""
     chosen = dict(metrics or {})
     for name, spec in data.items():
         if name not in chosen and isinstance(spec, DatasetSpec) and spec.metric:
@@ -91,7 +93,7 @@ def evaluate_with_metrics(
         raise UserError(f"metric for {unknown[0]!r}: no dataset of that name; name one of {', '.join(data)}")
     for name, metric in chosen.items():
         check_metric(metric, f"metric of {name}")
-    model_cfg = ModelConfig(name_or_path=str(model), trust_remote_code=trust_remote_code)
+    model_cfg = ModelConfig(name_or_path=str(model), trust_remote_code=trust_remote_code, dtype=dtype)
     tokenizer = load_tokenizer(model_cfg)
     sets = load_eval_sets(tokenizer, data, max_examples=max_examples, max_length=max_length, chat_template=chat_template)
     resolved = {

@@ -181,8 +181,9 @@ def load_gguf_tokenizer(src: GgufSource, revision: Optional[str] = None, trust_r
         raise UserError(f"model {str(src)!r}: could not build the tokenizer stored in the GGUF file ({_first_line(e)})") from None
 
 
-def load_gguf_model(src: GgufSource, dtype, revision: Optional[str] = None, trust_remote_code: bool = False):
-    """The causal LM in the GGUF file, dequantized into ``dtype``: a plain dense transformers model."""
+def load_gguf_model(src: GgufSource, dtype, revision: Optional[str] = None, trust_remote_code: bool = False, **placement):
+    """The causal LM in the GGUF file, dequantized into ``dtype``: a plain dense transformers model.
+    ``placement``: ``attn_implementation`` / ``device_map``, passed to ``from_pretrained``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     where = f"model {str(src)!r}"
@@ -200,7 +201,7 @@ def load_gguf_model(src: GgufSource, dtype, revision: Optional[str] = None, trus
         with _legacy_loader_tuned():
             # The config read once and passed on: from_pretrained would parse the file's metadata for it twice.
             config = AutoConfig.from_pretrained(src.repo, **common)
-            model = AutoModelForCausalLM.from_pretrained(src.repo, config=config, dtype=dtype, **common, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(src.repo, config=config, dtype=dtype, **common, **kwargs, **placement)
     except ValueError as e:
         message = str(e)
         if "architecture" in message and "not supported" in message:

@@ -104,11 +104,12 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int = 0):
     if cfg.name_or_path == "tiny":
         from forgetless.models.tiny import build_tiny_model
 
-        model = build_tiny_model(cfg.tiny, tokenizer, seed)
-        return model.to(_DTYPES[cfg.dtype]) if cfg.dtype != "auto" else model
+        model = build_tiny_model(cfg.tiny, tokenizer, seed, cfg.attn_implementation)
+        model = model.to(_DTYPES[cfg.dtype]) if cfg.dtype != "auto" else model
+        return model.to(cfg.device_map) if cfg.device_map not in (None, "auto") else model
     src = model_gguf(cfg.name_or_path, cfg.gguf_file)
     if src is not None:
-        model = load_gguf_model(src, _DTYPES[cfg.dtype], cfg.revision, cfg.trust_remote_code)
+        model = load_gguf_model(src, _DTYPES[cfg.dtype], cfg.revision, cfg.trust_remote_code, **_placement(cfg))
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         return model
@@ -128,6 +129,7 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int = 0):
             dtype=_DTYPES[cfg.dtype],
             local_files_only=local is not None,
             weights_only=True,  # a .bin checkpoint is read as tensors only, never as arbitrary pickle
+            **_placement(cfg),
         )
     except UnpicklingError:
         raise UserError(_REFUSED_PICKLE.format(name=name)) from None
@@ -136,6 +138,23 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int = 0):
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _placement(cfg: ModelConfig) -> dict:
+    """The loading options transformers takes as given (attention kernel, device map), where set."""
+    out = {}
+    if cfg.attn_implementation is not None:
+        out["attn_implementation"] = cfg.attn_implementation
+    if cfg.device_map is not None:
+        out["device_map"] = cfg.device_map
+    return out
+
+
+def _base_config(cfg: ModelConfig, name: str, revision: Optional[str]) -> ModelConfig:
+    """The config of an adapter's base: its name, and the user's loading options."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, name_or_path=name, revision=revision, gguf_file=None)
 
 
 def _load_adapter(path: Path, cfg: ModelConfig):
@@ -151,7 +170,7 @@ def _load_adapter(path: Path, cfg: ModelConfig):
     beside = path / base_name
     if not Path(base_name).is_absolute() and beside.is_dir():
         base_name = str(beside)
-    base_cfg = ModelConfig(name_or_path=base_name, revision=peft_cfg.revision or cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
+    base_cfg = _base_config(cfg, base_name, peft_cfg.revision or cfg.revision)
     base = load_model(base_cfg, load_tokenizer(base_cfg))
     try:
         return PeftModel.from_pretrained(base, str(path))
@@ -174,7 +193,7 @@ def _load_forgetless_adapter(path: Path, cfg: ModelConfig):
         raise UserError(f"{path}: unknown adapter kind {meta.get('kind')!r} in {ADAPTER_FILE}")
     base_ref = meta["base_model"]
     base_path = Path(base_ref) if Path(base_ref).is_absolute() else path / base_ref
-    base_cfg = ModelConfig(name_or_path=str(base_path) if base_path.exists() else base_ref, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
+    base_cfg = _base_config(cfg, str(base_path) if base_path.exists() else base_ref, cfg.revision)
     base = load_model(base_cfg, load_tokenizer(base_cfg))
     return kind.load(base, path)
 

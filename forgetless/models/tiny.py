@@ -13,6 +13,7 @@ The tokenizer is trained once with the ``tokenizers`` library on the text shippe
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -69,7 +70,8 @@ def load_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast.from_pretrained(str(TOKENIZER_DIR))
 
 
-def build_tiny_model(shape: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
+def build_tiny_model(shape: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int,
+                     attn_implementation: Optional[str] = None) -> LlamaForCausalLM:
     """A randomly initialised Llama of the given shape; the same seed gives the same weights."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -83,6 +85,7 @@ def build_tiny_model(shape: TinyModelConfig, tokenizer: PreTrainedTokenizerFast,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
+        **({"attn_implementation": attn_implementation} if attn_implementation else {}),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

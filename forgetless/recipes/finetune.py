@@ -176,6 +176,8 @@ def train(cfg: RunConfig) -> RunResult:
     # accelerate forms a CPU process group (gloo) only when told to run on CPU; without a GPU, a
     # multi-process launch would otherwise give N independent single-process runs.
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if multi_process and cfg.model.device_map is not None:
+        raise UserError("model.device_map places one model over several devices in one process; with several processes leave it null")
     # accelerate keeps one AcceleratorState per process and refuses a second run of the same
     # process with another mixed precision (the API, a task sequence run in one process): forget
     # the last run's (its process group, in PartialState, stays)
@@ -279,7 +281,9 @@ def _setup(cfg: RunConfig, accelerator, trackers: list[str], ckpt: Optional[Chec
     # Everything that can fail on user input happens before the run directory is touched.
     tokenizer = load_tokenizer(cfg.model)
     train_examples, train_stats, eval_sets = prepare_data(cfg, tokenizer)
-    model = load_model(cfg.model, tokenizer, seed=t.seed).to(accelerator.device)  # methods compute on it before prepare()
+    model = load_model(cfg.model, tokenizer, seed=t.seed)
+    if cfg.model.device_map is None:
+        model = model.to(accelerator.device)  # methods compute on it before prepare()
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and cfg.data.max_length > context:
         raise ConfigError(f"data.max_length ({cfg.data.max_length}) exceeds the model's context ({context}); set data.max_length<={context}")

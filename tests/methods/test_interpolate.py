@@ -71,3 +71,20 @@ def test_bad_inputs(tmp_path, capsys):
     assert main(["interpolate", str(tmp_path / "nope")]) == 2
     assert "not a run or model directory" in capsys.readouterr().err
     assert main(["interpolate", str(tmp_path), "--alphas", "a,b"]) == 2
+
+
+def test_interpolation_is_written_in_place_without_a_fourth_copy(scenario):
+    run = scenario.plain
+    interp = Interpolator(AutoModelForCausalLM.from_pretrained(scenario.base_dir), AutoModelForCausalLM.from_pretrained(run.run_dir / "model"))
+    pointers = {k: v.data_ptr() for k, v in interp.model.state_dict().items()}
+    model = interp.at(0.3)
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == pointers  # the model's own tensors, written
+    want = interpolate_state(interp.base_state, interp.ft_state, 0.3)
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    assert len(interp.base_state) == len(interp.ft_state) == len(pointers)
+
+
+def test_interpolate_takes_the_dtype(scenario, tmp_path):
+    out = tmp_path / "interp"
+    run_interpolation(str(scenario.plain.run_dir), alphas=(0.0, 1.0), output=str(out), generation=False, max_examples=4, dtype="bfloat16")
+    assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
