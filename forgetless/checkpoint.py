@@ -52,7 +52,7 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 # Config keys a resume may change: they do not change what is trained.
 RESUME_MAY_CHANGE = (
     "output.dir", "output.resume", "output.overwrite", "output.progress", "output.log_every", "output.tensorboard",
-    "output.wandb", "output.wandb_project", "output.report_to", "output.project", "output.checkpoint_every", "output.keep_last", "output.keep_checkpoints",
+    "output.wandb", "output.wandb_project", "output.report_to", "output.project", "output.push_to_hub", "output.hub_private", "output.checkpoint_every", "output.keep_last", "output.keep_checkpoints",
     "train.max_nonfinite_steps",
 )
 

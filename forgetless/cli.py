@@ -218,6 +218,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from forgetless.models.hub import local_base_warning, push_run
+
+    warning = local_base_warning(Path(args.run_dir))
+    if warning:
+        print(f"forgetless: warning: {warning}", file=sys.stderr)
+    print(f"pushed {args.run_dir} to {push_run(Path(args.run_dir), args.repo_id, private=args.private, token=args.token)}")
+    return 0
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from forgetless.models.fetch import FETCHABLE, fetch
 
@@ -372,6 +382,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="RUN_OR_ADAPTER", help="a run directory or an adapter directory")
     p.add_argument("--output", "-o", required=True, help="directory to write the merged model to")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser(
+        "push",
+        help="upload a finished run's model, model card and scores to the Hugging Face hub",
+        description="Upload RUN_DIR/model (weights, tokenizer, adapter files and README.md, the model card with the "
+        "before/after scores of every set) and the run's summary.json and config.yaml (under forgetless/) to the hub "
+        "repo REPO_ID in one commit, creating the repo if needed. Needs a login (huggingface-cli login or HF_TOKEN).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the directory of a finished run")
+    p.add_argument("repo_id", metavar="REPO_ID", help="the hub repo, owner/name")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--token", help="a hub token (default: the login's, or HF_TOKEN)")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser(
         "fetch",

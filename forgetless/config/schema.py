@@ -139,6 +139,14 @@ class ModelConfig:
     tiny: TinyModelConfig = option(factory=TinyModelConfig, help="Shape of the built-in tiny model.")
 
 
+def check_repo_id(repo_id: str, where: str) -> None:
+    """A hub repo id is ``name`` or ``owner/name`` of letters, digits, '-', '_', '.'."""
+    import re
+
+    if not re.fullmatch(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}", repo_id or "") or ".." in repo_id or repo_id.endswith(".git"):
+        raise ConfigError(f"{where}: {repo_id!r} is not a hub repo id; give owner/name, e.g. me/smollm2-esperanto")
+
+
 # the experiment trackers accelerate knows (accelerate.utils.LoggerType), with the module each needs
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
 
@@ -415,6 +423,12 @@ class OutputConfig:
     tensorboard: bool = option(False, "Shortcut for report_to: [tensorboard].")
     wandb: bool = option(False, "Shortcut for report_to: [wandb] (needs wandb and a login).")
     wandb_project: Optional[str] = option(None, "Old name of output.project (still read when project is not set).")
+    push_to_hub: Optional[str] = option(
+        None,
+        "Upload the finished run's model/ (with its model card) and summary to this hub repo, e.g. me/my-model "
+        "(needs a login: huggingface-cli login or HF_TOKEN). Later: forgetless push DIR REPO.",
+    )
+    hub_private: bool = option(False, "Create the push_to_hub repo as private.")
     resume: bool = option(
         False,
         "Continue the run in dir from its latest checkpoint (--resume), to the same final weights and metrics as "
@@ -434,6 +448,10 @@ class OutputConfig:
     def validate(self, where: str) -> None:
         if self.log_every < 1:
             raise ConfigError(f"{where}.log_every must be at least 1, got {self.log_every}")
+        if self.push_to_hub is not None:
+            check_repo_id(self.push_to_hub, f"{where}.push_to_hub")
+            if not self.save_model:
+                raise ConfigError(f"{where}.push_to_hub needs output.save_model=true: there is no model to push otherwise")
         for i, name in enumerate(self.report_to):
             if name not in TRACKERS:
                 close = difflib.get_close_matches(str(name).lower(), TRACKERS, n=1)

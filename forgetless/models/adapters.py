@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 ADAPTER_FILE = "forgetless_adapter.json"
 
@@ -24,6 +24,10 @@ class AdapterKind:
     disable: Callable[[Any], ContextManager]  # base outputs inside the context
     save: Callable[[Any, Any, Any], None]  # (model, out_dir, base_ref) -> None
     load: Callable[[Any, Any], Any]  # (base_model, adapter_dir) -> model with adapters
+    # forgetless merge: a kind linear in the weights folds its update into them, (model) -> plain model;
+    # a non-linear one exports itself as code, (model) -> (python source defining attach(model, settings), settings)
+    fold: Optional[Callable[[Any], Any]] = None
+    export: Optional[Callable[[Any], tuple[str, dict]]] = None
 
 
 ADAPTER_KINDS: dict[str, AdapterKind] = {}

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import time
+import warnings
 import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -50,12 +51,13 @@ from forgetless.config import RunConfig, redact_secrets, save_config, to_dict
 from forgetless.data.batching import MixedBatches, Source, count_targets, micro_batches, shard
 from forgetless.data.encoding import encode_dataset
 from forgetless.data.formats import EncodeStats, Encoder, Example
-from forgetless.errors import ConfigError, UserError
+from forgetless.errors import ConfigError, ForgetlessWarning, UserError
 from forgetless.files import CONFIG_FILE, METRICS_FILE, MODEL_DIR, flatten, write_atomic
 from forgetless.eval.sets import EvalSet, evaluate_sets, harness_sets, make_eval_set
 from forgetless.loss import forward as lm_forward
 from forgetless.methods import Context, Method, build_methods
 from forgetless.models import load_model, load_tokenizer
+from forgetless.models.card import serving_notes, write_model_card
 from forgetless.models.saving import save_model
 from forgetless.progress import TrainProgress, console
 from forgetless.registry import REGISTRY, TASK_STREAM
@@ -568,10 +570,22 @@ def _finish(run: Run) -> RunResult:
     if acc.is_main_process:
         if cfg.output.save_model:
             save_model(unwrapped, run.tokenizer, run.run_dir / MODEL_DIR, cfg)
+            notes = serving_notes(unwrapped)
+            for note in notes:
+                warnings.warn(f"serving: {note}", ForgetlessWarning, stacklevel=2)
+            write_model_card(run.run_dir / MODEL_DIR, cfg, state.before, after, roles, train_info, data_info, notes)
         write_summary(run.run_dir, state.before, after, roles, train_info, data_info)  # summary.json last: the run is finished
         run.log.close()
         if not cfg.output.keep_checkpoints:
             remove_checkpoints(run.run_dir)
+        if cfg.output.push_to_hub:
+            from forgetless.models.hub import local_base_warning, push_run
+
+            if local_base_warning(run.run_dir):
+                warnings.warn(local_base_warning(run.run_dir), ForgetlessWarning, stacklevel=2)
+
+            url = push_run(run.run_dir, cfg.output.push_to_hub, private=cfg.output.hub_private)
+            console.print(f"pushed to {url}")
     acc.wait_for_everyone()
     return RunResult(run.run_dir, state.before, after, roles, train_info, data_info, model=unwrapped, tokenizer=run.tokenizer)
 
