@@ -375,9 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "merge",
-        help="fold a LoRA run into its base model (standalone model directory)",
-        description="Write a standalone model from an adapter run: LoRA is merged into the base weights; "
-        "non-linear adapters (bottleneck) are saved with the base weights in one directory.",
+        help="turn an adapter run into a standalone model (LoRA folded into the weights)",
+        description="Write a standalone model from an adapter run: LoRA (lora, rslora, dora) and O-LoRA are folded into "
+        "the base weights, a plain model; non-linear adapters (bottleneck, moe_lora, expansion's experts) become a model "
+        "with its adapter code, which transformers loads with trust_remote_code=True (no forgetless needed).",
     )
     p.add_argument("model", metavar="RUN_OR_ADAPTER", help="a run directory or an adapter directory")
     p.add_argument("--output", "-o", required=True, help="directory to write the merged model to")

@@ -14,7 +14,8 @@ by a forward hook. The base model's own modules and parameter names stay untouch
 save and load as usual), and every parameter added carries the ``bottleneck_`` prefix. The
 adapter kind registered at the bottom saves, loads and disables them
 (forgetless/models/adapters.py). The adapter is non-linear, so it cannot be folded into the base
-weights: ``forgetless merge`` writes the base weights together with the adapter instead.
+weights: ``forgetless merge`` writes a model that transformers loads with ``trust_remote_code``,
+this module's adapter code beside the weights (forgetless/models/export.py).
 """
 
 from __future__ import annotations
@@ -209,7 +210,20 @@ def _load(base, adapter_dir):
     return base
 
 
-register_adapter_kind(AdapterKind("bottleneck", detect=has_bottleneck, disable=_disabled, save=_save, load=_load))
+def attach(model, settings: dict) -> None:
+    """Rebuild the adapters of ``settings`` (:func:`_settings`) on ``model`` (the exported model's code)."""
+    insert_adapters(model, settings["modules"], settings["hidden_size"], settings["size"], settings["activation"])
+
+
+def _export(model) -> tuple[str, dict]:
+    """forgetless merge: this module's adapter code, to run with transformers alone (forgetless/models/export.py)."""
+    from forgetless.models.export import sources
+
+    code = sources(f"ADAPTER_NAME = {ADAPTER_NAME!r}", BottleneckAdapter, _apply_adapter, insert_adapters, attach)
+    return code, _settings(model)
+
+
+register_adapter_kind(AdapterKind("bottleneck", detect=has_bottleneck, disable=_disabled, save=_save, load=_load, export=_export))
 register(
     "bottleneck",
     BottleneckConfig,

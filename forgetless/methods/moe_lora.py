@@ -402,8 +402,28 @@ class MoELoRA(Method):
         return out
 
 
+def attach(model, settings: dict) -> None:
+    """Empty experts in the saved groups of ``settings`` (:func:`experts_settings`), weights to be loaded
+    (the exported model's code: transformers then loads every expert's weights from the checkpoint)."""
+    layers = attach_experts(model, settings["modules"], settings["r"], settings["alpha"], settings["top_k"], 0.0)
+    for layer in layers.values():
+        start = 0
+        for n in settings["groups"]:
+            layer.add(n, train_experts=False, train_router=False, routed=start < settings["num_routed"])
+            start += n
+
+
+def _export(model) -> tuple[str, dict]:
+    """forgetless merge: the experts' code, to run with transformers alone (forgetless/models/export.py)."""
+    from forgetless.models.export import sources
+
+    code = sources(f"EXPERTS = {EXPERTS!r}", LoRAExperts, _add_update, attach_experts, attach)
+    return code, experts_settings(model)[0]
+
+
 register_adapter_kind(AdapterKind(
-    KIND, detect=lambda m: bool(expert_layers(m)), disable=lambda m: switched_off(expert_layers(m).values()), save=_save, load=_load
+    KIND, detect=lambda m: bool(expert_layers(m)), disable=lambda m: switched_off(expert_layers(m).values()), save=_save, load=_load,
+    export=_export,
 ))
 
 register(

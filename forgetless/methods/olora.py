@@ -258,8 +258,24 @@ class OLoRA(Method):
         return dict(self.facts)
 
 
+@torch.no_grad()
+def fold(model):
+    """forgetless merge: every task's LoRA is linear in the weights, ``W + Σ_t (alpha_t / r_t) B_t A_t``;
+    fold them in and take the adapters off, leaving the plain base architecture."""
+    for name, layer in task_layers(model).items():
+        target = model.get_submodule(name)
+        update = sum((B.float() @ A.float()) * (alpha / A.shape[0]) for A, B, alpha in zip(layer.A, layer.B, layer.alphas))
+        target.weight += update.to(target.weight.dtype)
+        delattr(target, ADAPTERS)
+        for key, hook in list(target._forward_hooks.items()):
+            if hook is _add_update:
+                del target._forward_hooks[key]
+    return model
+
+
 register_adapter_kind(AdapterKind(
-    KIND, detect=lambda m: bool(task_layers(m)), disable=lambda m: switched_off(task_layers(m).values()), save=_save, load=_load
+    KIND, detect=lambda m: bool(task_layers(m)), disable=lambda m: switched_off(task_layers(m).values()), save=_save, load=_load,
+    fold=fold,
 ))
 register(
     "olora",

@@ -40,14 +40,26 @@ def merge_model(model_or_run_dir: Union[str, Path], out_dir: Union[str, Path]) -
     model = load_model(cfg, tokenizer)
     if is_peft:
         return _merge_peft(model, tokenizer, out, src)
-    from forgetless.models.saving import save_adapter_model
+    from forgetless.models.adapters import ADAPTER_KINDS
+    from forgetless.registry import load_sources
 
-    kind = _read_kind(src)
-    save_adapter_model(model, tokenizer, out, base_ref=None)
-    tokenizer.save_pretrained(str(out))
+    load_sources()  # the methods' modules register their adapter kinds
+    name = _read_kind(src)
+    kind = ADAPTER_KINDS[name]
+    if kind.fold is not None:
+        plain = kind.fold(model)
+        plain.save_pretrained(str(out), safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+        return f"folded the {name} adapters of {src} into the base weights; wrote the standalone model to {out}"
+    if kind.export is None:  # pragma: no cover (every kind of forgetless's has one of the two)
+        raise UserError(f"merge: {name} adapters can be neither folded nor exported")
+    from forgetless.models.export import export_remote_code
+
+    code, settings = kind.export(model)
+    export_remote_code(model, tokenizer, out, name, code, settings)
     return (
-        f"{kind} adapters are non-linear and cannot be folded into the base's linear weights; wrote {out} with the "
-        f"base weights ({out.name}/base_model) and the adapter, a standalone directory that forgetless loads"
+        f"{name} adapters are non-linear and cannot be folded into the base's linear weights; wrote {out}, a standalone "
+        f"model with its adapter code, which transformers loads with trust_remote_code=True (no forgetless needed)"
     )
 
 

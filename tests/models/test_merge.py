@@ -50,18 +50,41 @@ def test_merged_lora_is_a_plain_model_with_the_adapter_models_outputs(tmp_path, 
     torch.testing.assert_close(merged(ids).logits, expected, rtol=0, atol=1e-5)
 
 
-def test_bottleneck_merge_writes_a_standalone_adapter_directory(tmp_path):
-    model, tok = _adapted("bottleneck", placement="both", size=4)
+@pytest.mark.parametrize("method, options", [
+    ("bottleneck", {"placement": "both", "size": 4}),
+    ("moe_lora", {"num_experts": 3, "top_k": 2, "r": 2}),
+])
+def test_non_linear_adapters_merge_into_a_model_plain_transformers_loads(tmp_path, method, options):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = _adapted(method, **options)
     ids = _ids(tok)
     expected = model(ids).logits
     save_model(model, tok, tmp_path / "src", TINY)
     message = merge_model(tmp_path / "src", tmp_path / "merged")
-    assert "non-linear and cannot be folded" in message
+    assert "non-linear and cannot be folded" in message and "trust_remote_code=True" in message
     shutil.rmtree(tmp_path / "src")  # the output depends on nothing else
     out = tmp_path / "merged"
-    assert (out / "base_model" / "model.safetensors").is_file() and (out / "bottleneck_adapter.safetensors").is_file()
-    loaded = load_model(ModelConfig(name_or_path=str(out)), load_tokenizer(ModelConfig(name_or_path=str(out))))
-    assert torch.equal(loaded(ids).logits, expected)
+    code = (out / "modeling_forgetless.py").read_text()
+    assert "forgetless" not in "\n".join(line for line in code.splitlines() if line.startswith(("import", "from")))
+    loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert type(loaded).__name__.startswith("Forgetless") and isinstance(loaded, type(model))  # the base's class, subclassed
+    torch.testing.assert_close(loaded.eval()(ids).logits, expected, rtol=0, atol=1e-6)
+    generated = loaded.generate(ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated, model.generate(ids, max_new_tokens=3, do_sample=False))
+
+
+def test_olora_folds_every_tasks_lora_into_a_plain_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = _adapted("olora", r=2)
+    ids = _ids(tok)
+    expected = model(ids).logits
+    save_model(model, tok, tmp_path / "src", TINY)
+    assert merge_model(tmp_path / "src", tmp_path / "merged").startswith("folded the olora adapters")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert type(merged).__name__ == "LlamaForCausalLM" and not any("olora" in k for k in merged.state_dict())
+    torch.testing.assert_close(merged(ids).logits, expected, rtol=0, atol=1e-5)
 
 
 def test_merge_errors_are_one_line_user_errors(tmp_path):
