@@ -166,18 +166,23 @@ def kl_sum_chunked(student: Outputs, teacher: Outputs, select: torch.Tensor, tem
     return total * temperature**2
 
 
-def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, head_of=None, autocast: Callable = nullcontext) -> Outputs:
+def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, head_of=None, autocast: Callable = nullcontext,
+            position_ids: Optional[torch.Tensor] = None) -> Outputs:
     """Run ``model`` (possibly DDP-wrapped) for the loss: hidden states and head, no full logits.
 
     ``head_of`` is the unwrapped model whose output head to use (default: ``model`` itself);
-    ``autocast`` the mixed-precision context the head is applied in (the recipe's).
+    ``autocast`` the mixed-precision context the head is applied in (the recipe's). A packed batch
+    (``position_ids`` given, forgetless/data/batching.py) runs without the attention mask, so that
+    transformers keeps its examples apart by their position ids.
     """
     plain = head_of if head_of is not None else model
+    inputs = {"input_ids": input_ids, "use_cache": False}
+    inputs.update({"position_ids": position_ids} if position_ids is not None else {"attention_mask": attention_mask})
     if not _head_usable(plain):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model(**inputs).logits
         return Outputs(None, None, logits.shape[-1], logits=logits, autocast=autocast)
     keep = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, output_hidden_states=True, use_cache=False)
+    out = model(**inputs, logits_to_keep=keep, output_hidden_states=True)
     hidden, head = out.hidden_states[-1], plain.get_output_embeddings()
     if getattr(plain, _HEAD_CHECKED, None) is None:  # first batch: is the head alone the model's logits?
         with torch.no_grad(), autocast():
@@ -186,7 +191,7 @@ def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, hea
         ok = mine.shape == theirs.shape and torch.allclose(mine, theirs, rtol=1e-4, atol=1e-4)
         setattr(plain, _HEAD_CHECKED, bool(ok))
         if not ok:
-            return forward(model, input_ids, attention_mask, head_of=head_of, autocast=autocast)
+            return forward(model, input_ids, attention_mask, head_of=head_of, autocast=autocast, position_ids=position_ids)
     return Outputs(hidden, head, out.logits.shape[-1], autocast=autocast)
 
 
@@ -203,3 +208,38 @@ def _head_usable(plain) -> bool:
     except (TypeError, ValueError):
         return False
     return "logits_to_keep" in params
+
+
+@torch.no_grad()
+def check_packing(model, examples, pad_id: int) -> None:
+    """Refuse ``data.packing`` for a model that lets packed examples see each other.
+
+    Two examples are run packed in one row and the second alone: with its position ids restarting,
+    a model whose attention follows them (transformers' models that build their mask with
+    ``create_causal_mask``) gives the second the same hidden states both ways. One forward of two
+    short examples, once per run.
+    """
+    from forgetless.data.batching import collate, collate_packed
+    from forgetless.errors import ConfigError
+
+    if len(examples) < 2:
+        return
+    first, second = sorted(examples[:64], key=lambda e: len(e.input_ids))[:2]
+    device = next(model.parameters()).device
+    packed = {k: v.to(device) for k, v in collate_packed([[first, second]], pad_id).items()}
+    alone = {k: v.to(device) for k, v in collate([second], pad_id).items()}
+    was_training = model.training
+    model.eval()
+    try:
+        together = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False, output_hidden_states=True)
+        single = model(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"], use_cache=False, output_hidden_states=True)
+    finally:
+        model.train(was_training)
+    n = len(second.input_ids)
+    a = together.hidden_states[-1][0, len(first.input_ids) : len(first.input_ids) + n].float()
+    b = single.hidden_states[-1][0, :n].float()
+    if not torch.allclose(a, b, rtol=1e-3, atol=1e-3 * max(1.0, float(b.abs().max()))):
+        raise ConfigError(
+            f"data.packing: this model ({type(model).__name__}) lets the examples packed in a row attend to each other "
+            f"(its attention ignores the restarting position ids); set data.packing=false"
+        )

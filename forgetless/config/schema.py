@@ -237,6 +237,13 @@ class DataConfig:
     truncation: Literal["truncate", "drop"] = option(
         "truncate", "What to do with longer sequences: cut them at max_length, or drop them. Both are counted."
     )
+    packing: bool = option(
+        False,
+        "Pack each step's training examples into rows of up to max_length tokens (best-fit decreasing), each "
+        "example attending only to itself (its position ids restart; transformers builds the block-diagonal mask, "
+        "or runs padding-free with flash attention). Same examples, loss and gradients as unpacked; short "
+        "examples stop paying for padding.",
+    )
     completion_only_loss: bool = option(
         True, "Train only on completion / assistant tokens. Off: train on the prompt too."
     )
@@ -277,7 +284,7 @@ class TrainConfig:
     seed: int = option(42, "Seed of everything: model init, data order, dropout. Same seed, same run.")
     epochs: float = option(1.0, "Passes over the training data (fractions allowed). Ignored when max_steps is set.")
     max_steps: Optional[int] = option(None, "Stop after this many optimiser steps.")
-    micro_batch_size: int = option(8, "Sequences per forward pass on each process.")
+    micro_batch_size: int = option(8, "Sequences per forward pass on each process (packed rows with data.packing).")
     grad_accum_steps: int = option(
         1,
         "Micro-batches accumulated per optimiser step. Global batch = micro_batch_size x grad_accum_steps "

@@ -150,3 +150,66 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 def count_targets(labels: torch.Tensor) -> int:
     """Tokens that carry loss once labels are shifted for next-token prediction."""
     return int((labels[:, 1:] != IGNORE).sum())
+
+
+def pack(examples: list[Example], capacity: int) -> list[list[Example]]:
+    """Rows of examples, each at most ``capacity`` tokens, by best-fit decreasing (TRL's ``bfd``):
+    longest example first, each into the row it fills most tightly, else a new row. Deterministic:
+    ties keep the given order. Written here because TRL packs a whole dataset once (its rows become
+    the examples), and forgetless packs each step's own examples, so that the data a step sees, its
+    mix and its loss stay those of the unpacked run."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    rows: list[list[Example]] = []
+    free: list[int] = []
+    for i in order:
+        n = len(examples[i].input_ids)
+        fits = [r for r, room in enumerate(free) if room >= n]
+        if fits:
+            best = min(fits, key=lambda r: (free[r], r))
+            rows[best].append(examples[i])
+            free[best] -= n
+        else:
+            rows.append([examples[i]])
+            free.append(capacity - n)
+    return rows
+
+
+def packed_micro_batches(examples: list[Example], size: int, capacity: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Micro-batches of ``size`` packed rows (:func:`pack`), fullest rows first (:func:`collate_packed`)."""
+    rows = sorted(pack(examples, capacity), key=lambda r: -sum(len(e.input_ids) for e in r))
+    return [collate_packed(rows[i : i + size], pad_id) for i in range(0, len(rows), size)]
+
+
+def collate_packed(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of several examples each, with ``position_ids`` restarting at 0 for every example.
+
+    Given position ids and no attention mask, transformers keeps the examples of a row apart: a
+    block-diagonal causal mask for sdpa / eager attention, variable-length kernels for flash
+    attention. ``attention_mask`` still marks the real tokens, for forgetless's own counting; the
+    model is not given it (forgetless/loss.py). The first token of every example carries no label:
+    it would be predicted from the previous example's last token.
+    """
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e.input_ids)
+            ids[i, at : at + n] = torch.tensor(e.input_ids)
+            labels[i, at : at + n] = torch.tensor([IGNORE] + e.labels[1:])
+            mask[i, at : at + n] = 1
+            positions[i, at : at + n] = torch.arange(n)
+            at += n
+        positions[i, at:] = torch.arange(width - at)  # the padding is a sequence of its own
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
+
+
+def predicting(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(batch, seq - 1): positions whose next token is a real token of the same example (shifted, as targets are)."""
+    out = batch["attention_mask"][:, 1:] == 1
+    if "position_ids" in batch:  # packed: not across the boundary into the next example
+        out = out & (batch["position_ids"][:, 1:] != 0)
+    return out

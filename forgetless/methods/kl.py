@@ -40,7 +40,7 @@ from typing import Literal, Optional
 import torch
 
 from forgetless.config import DatasetSpec, option
-from forgetless.data.batching import count_targets
+from forgetless.data.batching import count_targets, predicting
 from forgetless.errors import ConfigError
 from forgetless.loss import Outputs, forward as lm_forward, kl_sum, kl_sum_chunked, target_positions
 from forgetless.methods.base import Context, Method
@@ -127,15 +127,16 @@ class KL(Method):
             self.teacher = copy.deepcopy(model).eval().requires_grad_(False).to(ctx.device)
 
     @torch.no_grad()
-    def teacher_outputs(self, model, input_ids, attention_mask) -> Outputs:
-        """The base model's forward on a batch: hidden states and a head that computes the base's logits."""
+    def teacher_outputs(self, model, input_ids, attention_mask, position_ids=None) -> Outputs:
+        """The base model's forward on a batch: hidden states and a head that computes the base's logits.
+        ``position_ids``: a packed batch's (its examples kept apart, as in the student's forward)."""
         if self.teacher is not None:
-            return lm_forward(self.teacher, input_ids, attention_mask, autocast=self.autocast)
+            return lm_forward(self.teacher, input_ids, attention_mask, autocast=self.autocast, position_ids=position_ids)
         was_training = model.training
         model.eval()
         try:
             with adapters_disabled(model):
-                out = lm_forward(model, input_ids, attention_mask, autocast=self.autocast)
+                out = lm_forward(model, input_ids, attention_mask, autocast=self.autocast, position_ids=position_ids)
         finally:
             model.train(was_training)
         if out.head is not None:
@@ -145,10 +146,10 @@ class KL(Method):
     def _selected(self, batch) -> torch.Tensor:
         if self.cfg.positions == "targets":
             return target_positions(batch["labels"])
-        return batch["attention_mask"][:, 1:] == 1
+        return predicting(batch)
 
     def _kl(self, model, batch, out: Outputs, select) -> torch.Tensor:
-        teacher = self.teacher_outputs(model, batch["input_ids"], batch["attention_mask"])
+        teacher = self.teacher_outputs(model, batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
         return kl_sum_chunked(out, teacher, select, self.cfg.temperature)
 
     def batch_terms(self, model, batch, out: Outputs):

@@ -48,13 +48,13 @@ from forgetless.checkpoint import (
     restore_scheduler,
 )
 from forgetless.config import RunConfig, redact_secrets, save_config, to_dict
-from forgetless.data.batching import MixedBatches, Source, count_targets, micro_batches, shard
+from forgetless.data.batching import MixedBatches, Source, count_targets, micro_batches, packed_micro_batches, shard
 from forgetless.data.encoding import encode_dataset
 from forgetless.data.formats import EncodeStats, Encoder, Example
 from forgetless.errors import ConfigError, ForgetlessWarning, UserError
 from forgetless.files import CONFIG_FILE, METRICS_FILE, MODEL_DIR, flatten, write_atomic
 from forgetless.eval.sets import EvalSet, evaluate_sets, harness_sets, make_eval_set
-from forgetless.loss import forward as lm_forward
+from forgetless.loss import check_packing, forward as lm_forward
 from forgetless.methods import Context, Method, build_methods
 from forgetless.models import load_model, load_tokenizer
 from forgetless.models.card import serving_notes, write_model_card
@@ -313,6 +313,8 @@ def _setup(cfg: RunConfig, accelerator, trackers: list[str], ckpt: Optional[Chec
     trainable, total_params = count_parameters(model)
     if trainable == 0:
         raise ConfigError("no trainable parameters: the configuration froze the whole model")
+    if cfg.data.packing:
+        check_packing(model, train_examples, tokenizer.pad_token_id)
     for m in methods:
         m.before_train(model, ctx)
     if ckpt:
@@ -458,7 +460,11 @@ def _step(run: Run, step: int) -> StepOutcome:
     pairs = run.batches.batch(step)
     for j, _ in pairs:
         run.state.source_counts[j] += 1
-    micro = micro_batches(run.batches.examples(shard(pairs, rank, world)), t.micro_batch_size, pad)
+    mine = run.batches.examples(shard(pairs, rank, world))
+    if run.cfg.data.packing:
+        micro = packed_micro_batches(mine, t.micro_batch_size, run.cfg.data.max_length, pad)
+    else:
+        micro = micro_batches(mine, t.micro_batch_size, pad)
     paired = [(m, micro_batches(stream.examples(shard(stream.batch(step), rank, world)), t.micro_batch_size, pad)) for m, stream in run.paired]
     local = [sum(count_targets(b["labels"]) for b in micro)] + [sum(m.paired_count(b) for b in mbs) for m, mbs in paired]
     counts = [int(c) for c in _reduce_sum(acc, torch.tensor(local, dtype=torch.float64)).tolist()]
@@ -645,7 +651,8 @@ def forward_backward(model, micro_batches: list[dict], accelerator, scale: float
         with nullcontext() if last else accelerator.no_sync(model):
             b = {k: v.to(accelerator.device) for k, v in b.items()}
             # hidden states and the head, not the full logits: the loss applies the head at targets, in chunks
-            out = lm_forward(model, b["input_ids"], b["attention_mask"], head_of=plain, autocast=accelerator.autocast)
+            out = lm_forward(model, b["input_ids"], b["attention_mask"], head_of=plain, autocast=accelerator.autocast,
+                             position_ids=b.get("position_ids"))
             if owner is None:  # a micro-batch of the training batch
                 loss_sum, _ = out.token_loss(b["labels"])
                 total = loss_sum
