@@ -108,7 +108,7 @@ def path_options(cls: type = RunConfig, steps: tuple = ()) -> Iterator[tuple[tup
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp, here = hints[f.name], steps + (f.name,)
-        if f.metadata.get("path"):
+        if f.metadata.get("path") is True:
             yield here, tp
             continue
         yield from _descend(tp, here)
@@ -188,3 +188,12 @@ def test_every_path_option_on_the_command_line_is_relative_to_the_working_direct
     # a path that does not exist is kept as written (relative to the working directory), so the
     # option's "not found" error shows what was typed
     assert loaded("missing") == _given(tp, "missing")
+
+
+def test_a_chat_template_file_is_relative_to_the_yaml_and_template_text_is_kept(tmp_path, unvalidated):
+    folder = tmp_path / "configs"
+    got = load_config(write(folder, yaml.safe_dump({"data": {"chat_template": "templates/chat.jinja"}}))).data.chat_template
+    assert got == str(folder / "templates" / "chat.jinja")
+    text = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert load_config(write(folder, yaml.safe_dump({"data": {"chat_template": text}}))).data.chat_template == text
+    assert load_config(write(folder, yaml.safe_dump({"data": {"chat_template": "chatml"}}))).data.chat_template == "chatml"

@@ -1,0 +1,219 @@
+"""Large training data: records tokenized through ``datasets`` into a memory-mapped Arrow cache.
+
+With ``data.num_proc > 1``, or training files of ``data.arrow_min_mb`` MB and more, the training
+data does not become a Python list. Its records are read one at a time (the same readers, so a
+broken line is still reported with its number) into an Arrow table by
+``datasets.Dataset.from_generator``, tokenized by ``Dataset.map(num_proc=...)`` with the encoder of
+forgetless/data/formats.py, and saved under ``$FORGETLESS_CACHE/tokenized/<fingerprint>``. The
+fingerprint covers the data (path, size and modification time of a file; id, subset, split and
+revision of a hub dataset), the tokenizer (its vocabulary, special tokens and chat template) and
+every data option that changes the tokens, so a second run on the same data and model loads the
+cache at once (memory-mapped: data bigger than memory trains in bounded memory) and any change
+tokenizes again. :class:`ExampleTable` gives the rows as :class:`Example` objects on access.
+
+The training order is unchanged: the same seeded permutation over the rows (forgetless/data/batching.py),
+so a run on the Arrow path has the same batches, weights and exact resume as in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from forgetless.data.formats import EncodeStats, Encoder, Example
+from forgetless.data.loading import Record, iter_records
+from forgetless.errors import DataError
+
+FORMAT_VERSION = "1"  # bump when the stored columns change
+_FIELDS = ("input_ids", "labels", "prompt_ids", "reference", "choices", "choice_chars", "answer", "eos_appended", "where")
+
+
+def cache_dir() -> Path:
+    from forgetless.models.fetch import cache_root
+
+    return cache_root() / "tokenized"
+
+
+def wants_arrow(specs, data_cfg) -> bool:
+    """Whether the training data goes the Arrow way: several processes asked for, or big files."""
+    if data_cfg.num_proc > 1:
+        return True
+    size = 0
+    for spec in specs:
+        p = Path(spec.path)
+        if p.is_file():
+            size += p.stat().st_size
+    return size >= data_cfg.arrow_min_mb * 2**20
+
+
+def _tokenizer_fingerprint(tok) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tok, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)).encode())
+    h.update(json.dumps([str(tok.chat_template), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, type(tok).__name__]).encode())
+    return h.hexdigest()
+
+
+def _data_identity(spec) -> dict:
+    p = Path(spec.path)
+    if p.is_file():
+        st = p.stat()
+        return {"file": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"hub": spec.path, "subset": spec.subset, "split": spec.split}
+
+
+def fingerprint(encoder: Encoder, spec) -> str:
+    cfg = encoder.cfg
+    parts = {
+        "version": FORMAT_VERSION, "data": _data_identity(spec), "format": spec.format, "limit": spec.limit, "columns": spec.columns,
+        "max_length": cfg.max_length, "truncation": cfg.truncation, "completion_only_loss": cfg.completion_only_loss,
+        "chat_template": cfg.chat_template, "chat_template_kwargs": cfg.chat_template_kwargs,
+        "tokenizer": _tokenizer_fingerprint(encoder.tok),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _encode_batch(batch: dict, encoder: Encoder, requested: str) -> dict:
+    """datasets.map function: records (JSON text) -> the Example columns; errors and drops as columns."""
+    out: dict[str, list] = {k: [] for k in (*_FIELDS, "fmt", "kept", "truncated", "dropped_too_long", "dropped_no_target", "error")}
+    from forgetless.data.formats import detect_format
+
+    for text, where in zip(batch["data"], batch["where"]):
+        rec = Record(json.loads(text), where)
+        stats = EncodeStats()
+        ex, fmt, error = None, "", ""
+        try:
+            fmt = detect_format(rec, requested)
+            ex = encoder._fit(encoder.encode(rec, fmt), stats)
+        except DataError as e:
+            error = str(e)
+        out["fmt"].append(fmt)
+        out["error"].append(error)
+        out["kept"].append(ex is not None)
+        for k in ("truncated", "dropped_too_long", "dropped_no_target"):
+            out[k].append(getattr(stats, k))
+        for k in _FIELDS:
+            out[k].append(getattr(ex, k) if ex is not None else (where if k == "where" else None))
+        if ex is not None and ex.eos_appended is None:
+            out["eos_appended"][-1] = False
+    return out
+
+
+def tokenize(encoder: Encoder, spec, num_proc: int = 1, root: Optional[Path] = None):
+    """The tokenized rows of ``spec`` (a datasets.Dataset, memory-mapped) and what encoding did, cached."""
+    import datasets
+
+    root = Path(root) if root is not None else cache_dir()
+    key = fingerprint(encoder, spec)
+    final = root / key
+    if not (final / "forgetless_stats.json").is_file():
+        work = root / f".{key}.tmp-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            raw = datasets.Dataset.from_generator(
+                _record_rows, gen_kwargs={"spec": spec}, cache_dir=str(work / "raw"),
+                features=datasets.Features({"data": datasets.Value("string"), "where": datasets.Value("string")}),
+            )
+            mapped = raw.map(_encode_batch, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
+                             fn_kwargs={"encoder": encoder, "requested": spec.format}, remove_columns=["data"],
+                             cache_file_name=str(work / "mapped.arrow"), desc=None)
+            errors = mapped.filter(lambda e: bool(e), input_columns="error", num_proc=None)
+            if len(errors):
+                raise DataError(errors[0]["error"])
+            stats = EncodeStats(records=len(mapped))
+            for k in ("truncated", "dropped_too_long", "dropped_no_target"):
+                stats.__dict__[k] = int(sum(mapped[k]))
+            for fmt in mapped["fmt"]:
+                stats.formats[fmt] = stats.formats.get(fmt, 0) + 1
+            kept = mapped.filter(lambda k: k, input_columns="kept")
+            stats.kept = len(kept)
+            kept = kept.remove_columns(["fmt", "kept", "truncated", "dropped_too_long", "dropped_no_target", "error"])
+            kept.save_to_disk(str(work / "rows"))
+            (work / "rows" / "forgetless_stats.json").write_text(json.dumps(vars(stats)), encoding="utf-8")
+            if final.exists():  # another process finished first
+                shutil.rmtree(work, ignore_errors=True)
+            else:
+                os.replace(work / "rows", final)
+        except datasets.exceptions.DatasetGenerationError as e:  # our readers' DataError, raised inside the generator
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, DataError):
+                raise DataError(str(cause)) from None
+            raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    stats = EncodeStats(**json.loads((final / "forgetless_stats.json").read_text(encoding="utf-8")))
+    return datasets.load_from_disk(str(final)), stats, key
+
+
+def _record_rows(spec) -> Iterator[dict]:
+    for rec in iter_records(spec):
+        yield {"data": json.dumps(rec.data, ensure_ascii=False), "where": rec.where}
+
+
+class ExampleTable(Sequence):
+    """The rows of one or several tokenized datasets as :class:`Example` objects, built on access."""
+
+    def __init__(self, tables: list, keys: list[str]):
+        self.tables = tables
+        self.keys = keys
+        self.offsets = [0]
+        for t in tables:
+            self.offsets.append(self.offsets[-1] + len(t))
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the rows: the cache keys (a hash of data, tokenizer and options)."""
+        return hashlib.sha256("\0".join(self.keys).encode()).hexdigest()
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        t = next(k for k in range(len(self.tables)) if i < self.offsets[k + 1])
+        row = self.tables[t][i - self.offsets[t]]
+        return Example(row["input_ids"], row["labels"], row["where"], prompt_ids=row["prompt_ids"], reference=row["reference"],
+                       choices=row["choices"], choice_chars=row["choice_chars"], answer=row["answer"], eos_appended=bool(row["eos_appended"]))
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def without(self, held: set[int]) -> "ExampleTable":
+        """The table without the rows ``held`` (a hold-out)."""
+        tables = []
+        for k, t in enumerate(self.tables):
+            keep = [j for j in range(len(t)) if self.offsets[k] + j not in held]
+            tables.append(t.select(keep))
+        return ExampleTable(tables, [*self.keys, f"without:{sorted(held)}"])
+
+
+def encode_to_table(encoder: Encoder, specs, num_proc: int = 1, root: Optional[Path] = None) -> tuple[ExampleTable, EncodeStats]:
+    """Several datasets tokenized through Arrow (concatenated), and their combined stats."""
+    from forgetless.errors import UserError
+
+    tables, keys, total = [], [], EncodeStats()
+    for spec in specs:
+        table, stats, key = tokenize(encoder, spec, num_proc, root)
+        if not len(table):
+            raise UserError(
+                f"{spec.path}: no usable records after tokenization ({stats.dropped_too_long} too long, "
+                f"{stats.dropped_no_target} with no target tokens); raise data.max_length or check the data"
+            )
+        tables.append(table)
+        keys.append(key)
+        for k in ("records", "kept", "truncated", "dropped_too_long", "dropped_no_target"):
+            setattr(total, k, getattr(total, k) + getattr(stats, k))
+        for fmt, n in stats.formats.items():
+            total.formats[fmt] = total.formats.get(fmt, 0) + n
+    return ExampleTable(tables, keys), total
