@@ -230,6 +230,9 @@ def data_fingerprint(sources: list) -> str:
     h = hashlib.sha256()
     for s in sources:
         h.update(f"{s.name}\0{s.weight!r}\0{len(s.examples)}\0".encode())
+        if hasattr(s.examples, "fingerprint"):  # an Arrow table (forgetless/data/arrow.py): its content hash, computed once
+            h.update(s.examples.fingerprint.encode())
+            continue
         for e in s.examples:
             h.update(array("q", e.input_ids).tobytes())
             h.update(array("q", e.labels).tobytes())

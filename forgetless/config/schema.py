@@ -237,6 +237,14 @@ class DataConfig:
     truncation: Literal["truncate", "drop"] = option(
         "truncate", "What to do with longer sequences: cut them at max_length, or drop them. Both are counted."
     )
+    num_proc: int = option(
+        1,
+        "Processes that tokenize the training data. Above 1 (or with training files of arrow_min_mb and more) the "
+        "data is tokenized through datasets into a memory-mapped Arrow cache ($FORGETLESS_CACHE/tokenized, keyed by "
+        "the data, the tokenizer and these options) instead of a Python list: data bigger than memory trains in "
+        "bounded memory, and a second run loads the cache at once.",
+    )
+    arrow_min_mb: float = option(64.0, "Training files of this many MB and more (together) go the Arrow way even with num_proc=1.")
     packing: bool = option(
         False,
         "Pack each step's training examples into rows of up to max_length tokens (best-fit decreasing), each "
@@ -272,6 +280,10 @@ class DataConfig:
             raise ConfigError(f"{where}.max_length must be at least 2, got {self.max_length}")
         if self.eval_holdout < 0:
             raise ConfigError(f"{where}.eval_holdout must be >= 0, got {self.eval_holdout}")
+        if self.num_proc < 1:
+            raise ConfigError(f"{where}.num_proc must be at least 1, got {self.num_proc}")
+        if self.arrow_min_mb < 0:
+            raise ConfigError(f"{where}.arrow_min_mb must be >= 0, got {self.arrow_min_mb}")
         template = self.chat_template
         if template and template.endswith((".jinja", ".j2", ".jinja2")) and "{" not in template and not os.path.isfile(os.path.expanduser(template)):
             raise ConfigError(f"{where}.chat_template: file {template} not found; give a .jinja file, a Jinja template or 'chatml'")

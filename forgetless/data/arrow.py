@@ -120,21 +120,22 @@ def tokenize(encoder: Encoder, spec, num_proc: int = 1, root: Optional[Path] = N
                 features=datasets.Features({"data": datasets.Value("string"), "where": datasets.Value("string")}),
             )
             mapped = raw.map(_encode_batch, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
-                             fn_kwargs={"encoder": encoder, "requested": spec.format}, remove_columns=["data"],
-                             cache_file_name=str(work / "mapped.arrow"), desc=None)
+                             fn_kwargs={"encoder": encoder, "requested": spec.format}, remove_columns=["data", "where"],
+                             features=_features(), cache_file_name=str(work / "mapped.arrow"), desc=None)
             errors = mapped.filter(lambda e: bool(e), input_columns="error", num_proc=None)
             if len(errors):
                 raise DataError(errors[0]["error"])
             stats = EncodeStats(records=len(mapped))
             for k in ("truncated", "dropped_too_long", "dropped_no_target"):
-                stats.__dict__[k] = int(sum(mapped[k]))
+                setattr(stats, k, int(sum(mapped[k])))
             for fmt in mapped["fmt"]:
                 stats.formats[fmt] = stats.formats.get(fmt, 0) + 1
             kept = mapped.filter(lambda k: k, input_columns="kept")
             stats.kept = len(kept)
             kept = kept.remove_columns(["fmt", "kept", "truncated", "dropped_too_long", "dropped_no_target", "error"])
             kept.save_to_disk(str(work / "rows"))
-            (work / "rows" / "forgetless_stats.json").write_text(json.dumps(vars(stats)), encoding="utf-8")
+            meta = {"stats": vars(stats), "content": _content_hash(kept)}
+            (work / "rows" / "forgetless_stats.json").write_text(json.dumps(meta), encoding="utf-8")
             if final.exists():  # another process finished first
                 shutil.rmtree(work, ignore_errors=True)
             else:
@@ -146,8 +147,33 @@ def tokenize(encoder: Encoder, spec, num_proc: int = 1, root: Optional[Path] = N
             raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    stats = EncodeStats(**json.loads((final / "forgetless_stats.json").read_text(encoding="utf-8")))
-    return datasets.load_from_disk(str(final)), stats, key
+    meta = json.loads((final / "forgetless_stats.json").read_text(encoding="utf-8"))
+    return datasets.load_from_disk(str(final)), EncodeStats(**meta["stats"]), meta["content"]
+
+
+def _features():
+    import datasets
+
+    ids = datasets.Sequence(datasets.Value("int64"))
+    return datasets.Features({
+        "input_ids": ids, "labels": ids, "prompt_ids": ids, "reference": datasets.Value("string"),
+        "choices": datasets.Sequence(ids), "choice_chars": ids, "answer": datasets.Value("int64"),
+        "eos_appended": datasets.Value("bool"), "where": datasets.Value("string"), "fmt": datasets.Value("string"),
+        "kept": datasets.Value("bool"), "truncated": datasets.Value("int64"), "dropped_too_long": datasets.Value("int64"),
+        "dropped_no_target": datasets.Value("int64"), "error": datasets.Value("string"),
+    })
+
+
+def _content_hash(table) -> str:
+    """sha256 of every row's token ids and labels, in order: what a resume must find again."""
+    from array import array
+
+    h = hashlib.sha256()
+    for batch in table.select_columns(["input_ids", "labels"]).iter(batch_size=4096):
+        for ids, labels in zip(batch["input_ids"], batch["labels"]):
+            h.update(array("q", ids).tobytes())
+            h.update(array("q", labels).tobytes())
+    return h.hexdigest()
 
 
 def _record_rows(spec) -> Iterator[dict]:
@@ -167,7 +193,7 @@ class ExampleTable(Sequence):
 
     @property
     def fingerprint(self) -> str:
-        """Identifies the rows: the cache keys (a hash of data, tokenizer and options)."""
+        """Identifies the rows by their content (each table's hash of its token ids and labels)."""
         return hashlib.sha256("\0".join(self.keys).encode()).hexdigest()
 
     def __len__(self) -> int:
@@ -195,7 +221,7 @@ class ExampleTable(Sequence):
         for k, t in enumerate(self.tables):
             keep = [j for j in range(len(t)) if self.offsets[k] + j not in held]
             tables.append(t.select(keep))
-        return ExampleTable(tables, [*self.keys, f"without:{sorted(held)}"])
+        return ExampleTable(tables, [*self.keys, "without:" + hashlib.sha256(repr(sorted(held)).encode()).hexdigest()])
 
 
 def encode_to_table(encoder: Encoder, specs, num_proc: int = 1, root: Optional[Path] = None) -> tuple[ExampleTable, EncodeStats]:
@@ -204,7 +230,7 @@ def encode_to_table(encoder: Encoder, specs, num_proc: int = 1, root: Optional[P
 
     tables, keys, total = [], [], EncodeStats()
     for spec in specs:
-        table, stats, key = tokenize(encoder, spec, num_proc, root)
+        table, stats, key = tokenize(encoder, spec, num_proc, root)  # key: the table's content hash
         if not len(table):
             raise UserError(
                 f"{spec.path}: no usable records after tokenization ({stats.dropped_too_long} too long, "

@@ -13,7 +13,7 @@ import codecs
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from forgetless.config import DatasetSpec
 from forgetless.data.builtin import builtin_path, is_builtin
@@ -51,8 +51,34 @@ def load_records(spec: DatasetSpec) -> list[Record]:
     return [Record(convert(r.data, r.where, spec.columns), r.where) for r in records]
 
 
+def iter_records(spec: DatasetSpec) -> Iterator[Record]:
+    """The records of one dataset one at a time (converted as :func:`load_records` does), so that
+    a big JSONL file is never held in memory (forgetless/data/arrow.py); other kinds are read whole."""
+    path = str(builtin_path(spec.path)) if is_builtin(spec.path) else spec.path
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".jsonl":
+        n = 0
+        for rec in _iter_jsonl(p):
+            yield Record(convert(rec.data, rec.where, spec.columns), rec.where)
+            n += 1
+            if spec.limit and n >= spec.limit:
+                return
+        if n == 0:
+            raise DataError(f"{path}: the dataset is empty; it needs at least one record")
+        return
+    yield from load_records(spec)
+
+
 def _read_jsonl(p: Path, limit: int | None) -> list[Record]:
     records = []
+    for rec in _iter_jsonl(p):
+        records.append(rec)
+        if limit and len(records) >= limit:
+            break
+    return records
+
+
+def _iter_jsonl(p: Path) -> Iterator[Record]:
     with open(p, "rb") as f:
         for n, raw in enumerate(f, start=1):
             try:
@@ -64,10 +90,7 @@ def _read_jsonl(p: Path, limit: int | None) -> list[Record]:
             obj = _parse_json(line, p, n, "fix or remove this line")
             if not isinstance(obj, dict):
                 raise DataError(f"{p}:{n}: expected a JSON object per line, got {type(obj).__name__}")
-            records.append(Record(obj, f"{p}:{n}"))
-            if limit and len(records) >= limit:
-                break
-    return records
+            yield Record(obj, f"{p}:{n}")
 
 
 def _parse_json(text: str, p: Path, line: int | None, what_to_do: str):

@@ -112,7 +112,7 @@ class Context:
             rank=acc.process_index if acc is not None else 0,
             world=acc.num_processes if acc is not None else 1,
             keep=keep,
-            train_examples=list(train_examples),
+            train_examples=train_examples if hasattr(train_examples, "__getitem__") else list(train_examples),  # an Arrow table stays one
             resume_state=resume_state,
             run_dir=run_dir,
             autocast=acc.autocast if acc is not None else nullcontext,

@@ -49,6 +49,7 @@ from forgetless.checkpoint import (
 )
 from forgetless.config import RunConfig, redact_secrets, save_config, to_dict
 from forgetless.data.batching import MixedBatches, Source, count_targets, micro_batches, packed_micro_batches, shard
+from forgetless.data.arrow import ExampleTable, encode_to_table, wants_arrow
 from forgetless.data.encoding import encode_dataset
 from forgetless.data.formats import EncodeStats, Encoder, Example
 from forgetless.errors import ConfigError, ForgetlessWarning, UserError
@@ -87,7 +88,10 @@ def prepare_data(cfg: RunConfig, tokenizer) -> tuple[list[Example], EncodeStats,
     natural one); the 'task' set drawn from the training data takes the training data's metric.
     """
     encoder = Encoder(tokenizer, cfg.data)
-    train, train_stats = encode_dataset(encoder, cfg.data.train)
+    if wants_arrow(cfg.data.train, cfg.data):  # big data: a memory-mapped, cached Arrow table, not a list
+        train, train_stats = encode_to_table(encoder, cfg.data.train, cfg.data.num_proc)
+    else:
+        train, train_stats = encode_dataset(encoder, cfg.data.train)
     cap = cfg.eval.max_examples
     generation = cfg.eval.generation
     eval_sets: list[EvalSet] = []
@@ -100,7 +104,7 @@ def prepare_data(cfg: RunConfig, tokenizer) -> tuple[list[Example], EncodeStats,
             order = torch.randperm(len(train), generator=g).tolist()
             held = set(order[: cfg.data.eval_holdout])
             task = [train[i] for i in sorted(held)][:cap]
-            train = [e for i, e in enumerate(train) if i not in held]
+            train = train.without(held) if isinstance(train, ExampleTable) else [e for i, e in enumerate(train) if i not in held]
         else:
             task = train[:cap]
         eval_sets.append(make_eval_set("task", "new", task, EncodeStats(), metric, generation, "data.train (the 'task' set)"))
