@@ -229,10 +229,10 @@ def data_fingerprint(sources: list) -> str:
     would not be exact, so it is refused."""
     h = hashlib.sha256()
     for s in sources:
-        h.update(f"{s.name}\0{s.weight!r}\0{len(s.examples)}\0".encode())
-        if hasattr(s.examples, "fingerprint"):  # an Arrow table (forgetless/data/arrow.py): its content hash, computed once
-            h.update(s.examples.fingerprint.encode())
+        if hasattr(s.examples, "fingerprint"):  # an Arrow table (its content hash) or a stream (what it reads)
+            h.update(f"{s.name}\0{s.weight!r}\0{s.examples.fingerprint}\0".encode())
             continue
+        h.update(f"{s.name}\0{s.weight!r}\0{len(s.examples)}\0".encode())
         for e in s.examples:
             h.update(array("q", e.input_ids).tobytes())
             h.update(array("q", e.labels).tobytes())

@@ -176,13 +176,13 @@ def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, hea
     transformers keeps its examples apart by their position ids.
     """
     plain = head_of if head_of is not None else model
-    inputs = {"input_ids": input_ids, "use_cache": False}
-    inputs.update({"position_ids": position_ids} if position_ids is not None else {"attention_mask": attention_mask})
+    inputs = {"input_ids": input_ids}
+    inputs.update({"position_ids": position_ids, "use_cache": False} if position_ids is not None else {"attention_mask": attention_mask})
     if not _head_usable(plain):
         logits = model(**inputs).logits
         return Outputs(None, None, logits.shape[-1], logits=logits, autocast=autocast)
     keep = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
-    out = model(**inputs, logits_to_keep=keep, output_hidden_states=True)
+    out = model(**{**inputs, "use_cache": False}, logits_to_keep=keep, output_hidden_states=True)
     hidden, head = out.hidden_states[-1], plain.get_output_embeddings()
     if getattr(plain, _HEAD_CHECKED, None) is None:  # first batch: is the head alone the model's logits?
         with torch.no_grad(), autocast():

@@ -244,6 +244,13 @@ class DataConfig:
         "the data, the tokenizer and these options) instead of a Python list: data bigger than memory trains in "
         "bounded memory, and a second run loads the cache at once.",
     )
+    streaming: bool = option(
+        False,
+        "Read data.train as a stream (datasets' IterableDataset: local files one record at a time, hub datasets "
+        "with streaming=True), shuffled in a seeded buffer and tokenized as drawn: nothing is held or cached. Needs "
+        "train.max_steps. Exact on --resume (the stream is read again and skipped to the step's position).",
+    )
+    stream_buffer: int = option(10000, "Records in the shuffle buffer of a stream (data.streaming): more mixes better, costs memory.")
     arrow_min_mb: float = option(64.0, "Training files of this many MB and more (together) go the Arrow way even with num_proc=1.")
     packing: bool = option(
         False,
@@ -280,6 +287,8 @@ class DataConfig:
             raise ConfigError(f"{where}.max_length must be at least 2, got {self.max_length}")
         if self.eval_holdout < 0:
             raise ConfigError(f"{where}.eval_holdout must be >= 0, got {self.eval_holdout}")
+        if self.stream_buffer < 1:
+            raise ConfigError(f"{where}.stream_buffer must be at least 1, got {self.stream_buffer}")
         if self.num_proc < 1:
             raise ConfigError(f"{where}.num_proc must be at least 1, got {self.num_proc}")
         if self.arrow_min_mb < 0:
@@ -592,6 +601,13 @@ class RunConfig:
             raise ConfigError("data.train is missing: give the training data, e.g. data.train=path/to/train.jsonl")
         elif self.continual.strategies or self.continual.baselines:
             raise ConfigError("continual.strategies / continual.baselines need a task sequence: add tasks: [...]")
+        if self.data.streaming:
+            if self.tasks:
+                raise ConfigError("data.streaming reads data.train as a stream; a task sequence (tasks:) is read in memory, turn it off")
+            if self.train.max_steps is None:
+                raise ConfigError("data.streaming: a stream has no known length, so train.epochs cannot be counted; set train.max_steps")
+            if self.data.eval_holdout:
+                raise ConfigError("data.streaming: a stream cannot hold records out; give data.eval sets instead of data.eval_holdout")
         for name, mcfg in self.methods.items():
             if self.tasks and hasattr(mcfg, "validate_in_sequence"):
                 mcfg.validate_in_sequence(f"methods.{name}")  # parts a task sequence fills in (e.g. replay's memory)

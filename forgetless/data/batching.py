@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -60,7 +61,10 @@ class MixedBatches:
         """Optimiser steps for ``epochs`` passes over the task source."""
         return max(1, math.ceil(epochs * len(self.sources[0].examples) / max(self.task_per_step, 1e-9)))
 
-    def epoch_at(self, step: int) -> float:
+    def epoch_at(self, step: int) -> Optional[float]:
+        """Passes over the task source so far (None for a stream, whose length is not known)."""
+        if _is_stream(self.sources[0].examples):
+            return None
         return step * self.task_per_step / len(self.sources[0].examples)
 
     def _given(self, step: int) -> list[int]:
@@ -87,13 +91,25 @@ class MixedBatches:
         start, end = self._given(step), self._given(step + 1)
         picked = []
         for j, (a, b) in enumerate(zip(start, end)):
+            if _is_stream(self.sources[j].examples):  # a stream (forgetless/data/stream.py): its positions, in order
+                picked += [(j, pos) for pos in range(a, b)]
+                continue
             n = len(self.sources[j].examples)
             picked += [(j, self._perm(j, pos // n)[pos % n]) for pos in range(a, b)]
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         return [picked[i] for i in torch.randperm(len(picked), generator=g).tolist()]
 
     def examples(self, pairs: list[tuple[int, int]]) -> list[Example]:
-        return [self.sources[j].examples[i] for j, i in pairs]
+        streamed: dict[int, dict[int, Example]] = {}
+        for j in {j for j, _ in pairs if _is_stream(self.sources[j].examples)}:
+            positions = [i for k, i in pairs if k == j]
+            lo, hi = min(positions), max(positions) + 1
+            streamed[j] = dict(zip(range(lo, hi), self.sources[j].examples.take(lo, hi)))
+        return [streamed[j][i] if j in streamed else self.sources[j].examples[i] for j, i in pairs]
+
+
+def _is_stream(examples) -> bool:
+    return hasattr(examples, "take")
 
 
 def shard(items: list, rank: int, world_size: int) -> list:

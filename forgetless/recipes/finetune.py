@@ -88,7 +88,12 @@ def prepare_data(cfg: RunConfig, tokenizer) -> tuple[list[Example], EncodeStats,
     natural one); the 'task' set drawn from the training data takes the training data's metric.
     """
     encoder = Encoder(tokenizer, cfg.data)
-    if wants_arrow(cfg.data.train, cfg.data):  # big data: a memory-mapped, cached Arrow table, not a list
+    if cfg.data.streaming:  # read as drawn, never all at once (forgetless/data/stream.py)
+        from forgetless.data.stream import ExampleStream
+
+        train = ExampleStream(encoder, cfg.data.train, cfg.train.seed, cfg.data.stream_buffer)
+        train_stats = train.stats
+    elif wants_arrow(cfg.data.train, cfg.data):  # big data: a memory-mapped, cached Arrow table, not a list
         train, train_stats = encode_to_table(encoder, cfg.data.train, cfg.data.num_proc)
     else:
         train, train_stats = encode_dataset(encoder, cfg.data.train)
@@ -106,7 +111,7 @@ def prepare_data(cfg: RunConfig, tokenizer) -> tuple[list[Example], EncodeStats,
             task = [train[i] for i in sorted(held)][:cap]
             train = train.without(held) if isinstance(train, ExampleTable) else [e for i, e in enumerate(train) if i not in held]
         else:
-            task = train[:cap]
+            task = train.head(cap or 256) if cfg.data.streaming else train[:cap]
         eval_sets.append(make_eval_set("task", "new", task, EncodeStats(), metric, generation, "data.train (the 'task' set)"))
     for role, group in (("new", cfg.data.eval), ("keep", cfg.data.keep)):
         for name, spec in group.items():
@@ -499,7 +504,7 @@ def _step_record(run: Run, o: StepOutcome, tps: float, clock: _Clock) -> dict:
     state = run.state
     record = {
         "step": state.step,
-        "epoch": round(run.batches.epoch_at(state.step), 4),
+        "epoch": None if run.batches.epoch_at(state.step) is None else round(run.batches.epoch_at(state.step), 4),
         "loss": state.last_loss,
         "lr": run.scheduler.get_last_lr()[0],
         "target_tokens": o.target_tokens,
