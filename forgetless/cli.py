@@ -199,10 +199,11 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
     roles = result["roles"]
     table = Table(title="weight interpolation: (1 - alpha) * base + alpha * fine-tuned", title_justify="left",
-                  caption="score = exact match where generated, else token accuracy", caption_justify="left")
+                  caption="each set's headline score: its data metric, else exact match where generated, else token accuracy",
+                  caption_justify="left")
     table.add_column("alpha")
     for name, role in roles.items():
-        table.add_column(f"{name} ({'learn' if role == 'new' else 'keep'})")
+        table.add_column(f"{name} ({'learn' if role == 'new' else 'keep'}, {result['metrics'][name]})")
     for p in result["points"]:
         mark = " <- chosen" if p["alpha"] == result["selection"]["alpha"] else ""
         table.add_row(f"{p['alpha']:g}{mark}", *(f"{primary_score(p['scores'][n]):.3f}" for n in roles))

@@ -31,7 +31,10 @@ class SweepPoint:
 
 
 def primary_score(metrics: dict[str, float]) -> float:
-    """The score a set is judged by: exact match when generated, else token accuracy."""
+    """The score a set is judged by: its headline ``score`` (the metric of its DatasetSpec, or the
+    data's natural one); without one, exact match when generated, else token accuracy."""
+    if metrics.get("score") is not None:
+        return metrics["score"]
     return metrics["exact_match"] if "exact_match" in metrics else metrics.get("token_accuracy", 0.0)
 
 
@@ -54,23 +57,30 @@ def plain_weights(model) -> torch.nn.Module:
     return model
 
 
-def select_alpha(points: list[SweepPoint], roles: dict[str, str], min_keep: Optional[float] = None) -> SweepPoint:
+def select_alpha(points: list[SweepPoint], roles: dict[str, str], min_keep: Optional[float] = None,
+                 lower_is_better: frozenset = frozenset()) -> SweepPoint:
     """The chosen point.
 
     Default ("balanced"): the highest mean primary score over all sets. With ``min_keep``: the
     best mean new-task score among the points whose every keep set retains at least ``min_keep``
-    of its score at alpha = 0 (the base model); the smallest alpha wins ties.
+    of its score at the smallest alpha (the base model); the smallest alpha wins ties. A set whose
+    score is lower-is-better (loss, perplexity: ``lower_is_better``) counts as the share of the
+    base's value it keeps, ``base / score`` (1 at the base), in the mean and the rule alike.
     """
     new = [n for n, r in roles.items() if r == "new"] or list(roles)
     keep = [n for n, r in roles.items() if r == "keep"]
     base = min(points, key=lambda p: p.alpha)
 
+    def value(p: SweepPoint, n: str) -> float:
+        s = primary_score(p.scores[n])
+        return primary_score(base.scores[n]) / max(s, 1e-12) if n in lower_is_better else s
+
     def mean(p: SweepPoint, names: list[str]) -> float:
-        return sum(primary_score(p.scores[n]) for n in names) / max(len(names), 1)
+        return sum(value(p, n) for n in names) / max(len(names), 1)
 
     candidates = points
     if min_keep is not None:
-        candidates = [p for p in points if all(primary_score(p.scores[n]) >= min_keep * primary_score(base.scores[n]) for n in keep)]
+        candidates = [p for p in points if all(value(p, n) >= min_keep * value(base, n) for n in keep)]
         if not candidates:
             candidates = [base]
         return max(candidates, key=lambda p: (mean(p, new), -p.alpha))
@@ -112,13 +122,14 @@ def _check_same_shapes(base: dict[str, torch.Tensor], finetuned: dict[str, torch
 
 
 def sweep(interp: Interpolator, tokenizer, sets: dict, alphas: list[float], *, batch_size: int = 16,
-          generation: bool = True, max_new_tokens: Optional[int] = None, progress: bool = False) -> list[SweepPoint]:
-    """Score the interpolated model on every set at each alpha."""
+          generation: bool = True, max_new_tokens: Optional[int] = None, progress: bool = False,
+          metrics: Optional[dict[str, str]] = None) -> list[SweepPoint]:
+    """Score the interpolated model on every set at each alpha (``metrics``: each set's headline metric)."""
     from forgetless.eval.run import score_sets
 
     return [
         SweepPoint(alpha, score_sets(interp.at(alpha), tokenizer, sets, batch_size=batch_size, generation=generation,
-                                     max_new_tokens=max_new_tokens, progress=progress, label=f"alpha {alpha:g}"))
+                                     max_new_tokens=max_new_tokens, progress=progress, label=f"alpha {alpha:g}", metrics=metrics))
         for alpha in alphas
     ]
 
@@ -188,9 +199,19 @@ def run_interpolation(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ft_model = load_model(ModelConfig(name_or_path=ft_dir, dtype=dtype), tokenizer).to(device)
     interp = Interpolator(load_model(base_cfg, load_tokenizer(base_cfg), seed=base_seed), ft_model)  # the base model is freed
+    # each set's headline metric, as the run scored it (its DatasetSpec's metric, or the data's natural one)
+    from forgetless.config import DatasetSpec
+    from forgetless.eval.headline import higher_is_better
+    from forgetless.eval.sets import make_eval_set
+    from forgetless.data.formats import EncodeStats
+
+    given = {**new, **keep}
+    metrics = {name: make_eval_set(name, roles[name], examples, EncodeStats(),
+                                   given[name].metric if isinstance(given[name], DatasetSpec) else None, generation, f"set {name}").metric
+               for name, examples in sets.items()}
     points = sweep(interp, tokenizer, sets, sorted(set(alphas)), batch_size=batch_size, generation=generation,
-                   max_new_tokens=max_new_tokens, progress=progress)
-    chosen = select_alpha(points, roles, min_keep)
+                   max_new_tokens=max_new_tokens, progress=progress, metrics=metrics)
+    chosen = select_alpha(points, roles, min_keep, frozenset(n for n, m in metrics.items() if not higher_is_better(m)))
     model = interp.at(chosen.alpha)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
@@ -199,6 +220,7 @@ def run_interpolation(
         "base": base_cfg.name_or_path,
         "finetuned": ft_dir,
         "roles": roles,
+        "metrics": metrics,
         "selection": {"rule": "min_keep" if min_keep is not None else "balanced", "min_keep": min_keep, "alpha": chosen.alpha},
         "points": [{"alpha": p.alpha, "scores": p.scores} for p in points],
         "output": str(out),
@@ -206,8 +228,8 @@ def run_interpolation(
     (out / INTERPOLATION_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
     with open(out / INTERPOLATION_CSV, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["alpha", "set", "role", "loss", "token_accuracy", "exact_match"])
+        w.writerow(["alpha", "set", "role", "metric", "score", "loss", "token_accuracy", "exact_match"])
         for p in points:
             for name, m in p.scores.items():
-                w.writerow([p.alpha, name, roles[name], m.get("loss"), m.get("token_accuracy"), m.get("exact_match", "")])
+                w.writerow([p.alpha, name, roles[name], metrics[name], m.get("score"), m.get("loss"), m.get("token_accuracy"), m.get("exact_match", "")])
     return result

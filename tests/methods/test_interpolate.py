@@ -88,3 +88,29 @@ def test_interpolate_takes_the_dtype(scenario, tmp_path):
     out = tmp_path / "interp"
     run_interpolation(str(scenario.plain.run_dir), alphas=(0.0, 1.0), output=str(out), generation=False, max_examples=4, dtype="bfloat16")
     assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
+
+
+def test_a_lower_is_better_keep_set_counts_as_the_share_it_keeps():
+    roles = {"new": "new", "general": "keep"}
+    pts = [
+        SweepPoint(0.0, {"new": {"score": 0.0}, "general": {"score": 40.0}}),  # perplexity 40 at the base
+        SweepPoint(0.5, {"new": {"score": 0.5}, "general": {"score": 44.0}}),  # keeps 40/44 = 0.91
+        SweepPoint(1.0, {"new": {"score": 0.9}, "general": {"score": 80.0}}),  # keeps 0.5
+    ]
+    lower = frozenset({"general"})
+    assert select_alpha(pts, roles, min_keep=0.9, lower_is_better=lower).alpha == 0.5
+    assert select_alpha(pts, roles, min_keep=0.95, lower_is_better=lower).alpha == 0.0
+    # read as higher-is-better, the worst perplexity would look best
+    assert select_alpha(pts, roles, min_keep=0.9).alpha == 1.0
+
+
+def test_interpolation_scores_each_set_by_its_own_metric(scenario, tmp_path):
+    from forgetless.config import DatasetSpec
+
+    result = run_interpolation(str(scenario.plain.run_dir), new={"elements": "demo:elements"},
+                               keep={"capitals": DatasetSpec(path="demo:capitals", metric="perplexity")},
+                               alphas=(0.0, 1.0), output=str(tmp_path / "i"), generation=False, max_examples=8, min_keep=0.99)
+    assert result["metrics"] == {"elements": "token_accuracy", "capitals": "perplexity"}
+    assert all(p["scores"]["capitals"]["score"] == p["scores"]["capitals"]["perplexity"] for p in result["points"])
+    base, tuned = (p["scores"]["capitals"]["score"] for p in result["points"])
+    assert tuned > base and result["selection"]["alpha"] == 0.0  # the fine-tuned model's perplexity on capitals is worse
