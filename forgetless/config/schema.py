@@ -242,7 +242,8 @@ class DataConfig:
         "Processes that tokenize the training data. Above 1 (or with training files of arrow_min_mb and more) the "
         "data is tokenized through datasets into a memory-mapped Arrow cache ($FORGETLESS_CACHE/tokenized, keyed by "
         "the data, the tokenizer and these options) instead of a Python list: data bigger than memory trains in "
-        "bounded memory, and a second run loads the cache at once.",
+        "bounded memory, and a second run loads the cache at once. The workers are spawned, not forked: a script "
+        "that calls forgetless.train with num_proc > 1 needs the usual `if __name__ == \"__main__\":` guard.",
     )
     streaming: bool = option(
         False,

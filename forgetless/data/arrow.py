@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -119,9 +120,10 @@ def tokenize(encoder: Encoder, spec, num_proc: int = 1, root: Optional[Path] = N
                 _record_rows, gen_kwargs={"spec": spec}, cache_dir=str(work / "raw"),
                 features=datasets.Features({"data": datasets.Value("string"), "where": datasets.Value("string")}),
             )
-            mapped = raw.map(_encode_batch, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
-                             fn_kwargs={"encoder": encoder, "requested": spec.format}, remove_columns=["data", "where"],
-                             features=_features(), cache_file_name=str(work / "mapped.arrow"), desc=None)
+            with _spawned_workers(num_proc > 1):
+                mapped = raw.map(_encode_batch, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
+                                 fn_kwargs={"encoder": encoder, "requested": spec.format}, remove_columns=["data", "where"],
+                                 features=_features(), cache_file_name=str(work / "mapped.arrow"), desc=None)
             errors = mapped.filter(lambda e: bool(e), input_columns="error", num_proc=None)
             if len(errors):
                 raise DataError(errors[0]["error"])
@@ -149,6 +151,24 @@ def tokenize(encoder: Encoder, spec, num_proc: int = 1, root: Optional[Path] = N
             shutil.rmtree(work, ignore_errors=True)
     meta = json.loads((final / "forgetless_stats.json").read_text(encoding="utf-8"))
     return datasets.load_from_disk(str(final)), EncodeStats(**meta["stats"]), meta["content"]
+
+
+@contextmanager
+def _spawned_workers(on: bool):
+    """datasets' map workers started fresh ("spawn") instead of forked: a fork of a process whose other
+    threads hold locks (torch's thread pool, a progress bar's monitor thread) can hang its children,
+    which is what happened here in a long-running process. Restored afterwards."""
+    if not on:
+        yield
+        return
+    import multiprocess
+
+    before = multiprocess.get_start_method(allow_none=True)
+    multiprocess.set_start_method("spawn", force=True)
+    try:
+        yield
+    finally:
+        multiprocess.set_start_method(before, force=True)
 
 
 def _features():

@@ -11,8 +11,9 @@
 - Alpaca (``instruction``, optional ``input``, ``output``, optional ``system`` and ``history`` as
   ``[[query, reply], ...]``): turned into ``messages``, the user turn being the instruction and the
   input joined by a newline (as LLaMA-Factory does).
-- Preference (``chosen``/``rejected``) and KTO (``label`` true/false) records are refused: training on
-  them as supervised data would teach the rejected answers too.
+- Preference (``chosen``/``rejected``), KTO (``label`` true/false) and stepwise-supervision
+  (``completions`` + ``labels``) records are refused: training on them as supervised data would
+  teach the rejected answers too.
 
 The record a scoring function receives (``records`` of a custom metric) is the converted one.
 """
@@ -55,6 +56,11 @@ def _refuse_preference(d: dict, where: str) -> None:
         raise DataError(
             f"{where}: a preference record (chosen/rejected) is for DPO-style training, which forgetless does not do; "
             f"to fine-tune on the chosen answers, map them with columns: {{completion: chosen}} ({{messages: chosen}} for whole conversations)"
+        )
+    if "completions" in d and "labels" in d and "completion" not in d:
+        raise DataError(
+            f"{where}: a stepwise-supervision record (completions with a label per step) is for process reward models, "
+            f"not supervised fine-tuning; keep the steps labelled true as one completion, or train it with TRL's PRM trainer"
         )
     if isinstance(d.get("label"), bool) and "completion" in d:
         raise DataError(

@@ -269,6 +269,7 @@ def test_columns_map_a_dataset_onto_the_fields(tmp_path):
     ({"prompt": "Q", "chosen": "good", "rejected": "bad"}, r"a preference record \(chosen/rejected\) is for DPO-style training"),
     ({"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "user", "content": "q"}]}, r"a preference record"),
     ({"prompt": "Q", "completion": "A", "label": False}, r"a KTO record .* marks undesirable completions"),
+    ({"prompt": "Q", "completions": ["step 1", "step 2"], "labels": [True, False]}, r"a stepwise-supervision record"),
 ])
 def test_preference_and_kto_records_are_refused(tmp_path, rec, message):
     with pytest.raises(DataError, match=r"p.jsonl:1: " + message):
