@@ -75,7 +75,7 @@ def test_when_the_arrow_path_is_taken(tmp_path, mixed):
 
 @pytest.mark.slow
 def test_a_run_on_the_arrow_path_is_the_run_in_memory_and_resumes_exactly(tmp_path, monkeypatch):
-    from tests.resume.conftest import assert_same_run, killed, resume, train
+    from tests.resume.conftest import assert_same_run, killed_process, resume, train
 
     monkeypatch.setenv("FORGETLESS_CACHE", str(tmp_path / "cache"))
     data = write_jsonl(tmp_path / "pc.jsonl", PC_RECORDS)
@@ -85,6 +85,6 @@ def test_a_run_on_the_arrow_path_is_the_run_in_memory_and_resumes_exactly(tmp_pa
     assert_same_run(tmp_path / "memory-holdout", tmp_path / "arrow")
     assert (tmp_path / "cache" / "tokenized").is_dir()
     out = tmp_path / "killed"
-    assert killed(out, data, "step:5", "data.num_proc=2") == 137
+    assert killed_process(out, data, "step:5", "data.num_proc=2") == 137
     resume(out, data, "data.num_proc=2")
     assert_same_run(tmp_path / "memory", out)

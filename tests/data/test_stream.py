@@ -46,11 +46,11 @@ def test_streaming_needs_max_steps_and_no_holdout(stream_file, tmp_path):
 
 @pytest.mark.slow
 def test_a_streamed_run_killed_and_resumed_is_the_uninterrupted_one(tmp_path, stream_file):
-    from tests.resume.conftest import assert_same_run, killed, resume, train
+    from tests.resume.conftest import assert_same_run, killed_process, resume, train
 
     train(tmp_path / "whole", stream_file, "data.streaming=true", "data.stream_buffer=4")
     out = tmp_path / "killed"
-    assert killed(out, stream_file, "step:5", "data.streaming=true", "data.stream_buffer=4") == 137
+    assert killed_process(out, stream_file, "step:5", "data.streaming=true", "data.stream_buffer=4") == 137
     resume(out, stream_file, "data.streaming=true", "data.stream_buffer=4")
     assert_same_run(tmp_path / "whole", out)
     # the stream is not the in-memory order, but trains on the same data

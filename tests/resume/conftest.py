@@ -52,6 +52,18 @@ def killed(out: Path, data: Path, fault: str, *extra: str) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
+def killed_process(out: Path, data: Path, fault: str, *extra: str) -> int:
+    """Like :func:`killed`, in a ``forgetless train`` process of its own: for runs that start worker
+    processes or threads of their own (a fork of the test process, which has threads, could hang them)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FORGETLESS_FAULT": fault}
+    proc = subprocess.run([sys.executable, "-m", "forgetless", "train", *overrides(out, data, *extra)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    return proc.returncode
+
+
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The final weights of a run, from its saved model (full model or adapter)."""
     model = Path(run_dir) / "model"
