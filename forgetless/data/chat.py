@@ -313,9 +313,9 @@ class ChatTemplate:
                     )
                 continue
             raise DataError(
-                    f"{where}: the chat template drops messages[{i}] (role {conv.messages[i]['role']!r}); "
-                    f"fix the role, or use a data.chat_template that renders it"
-                )
+                f"{where}: the chat template drops messages[{i}] (role {conv.messages[i]['role']!r}); "
+                f"fix the role, or use a data.chat_template that renders it"
+            )
         if not text.startswith(markup[0]):
             raise self._unlocatable(where)
         out, pos = [], len(markup[0])
