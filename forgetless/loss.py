@@ -119,6 +119,34 @@ class Outputs:
         return loss, torch.cat(correct) if correct else targets.new_zeros(0, dtype=torch.bool)
 
 
+    def weighted_loss(self, labels: torch.Tensor, weigh: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``sum_t w_t * loss_t`` over the target tokens, ``w = weigh(logits, targets)`` computed per chunk
+        without gradient (a loss-shaping method's weights are constants of the step, e.g. DFT's
+        detached target probability). The head is applied at the targets in chunks, like :meth:`token_loss`."""
+        select = target_positions(labels)
+        targets = labels[:, 1:][select]
+        if self.logits is not None:
+            rows = self.logits[:, :-1][select].float()
+            with torch.no_grad():
+                w = weigh(rows.detach(), targets)
+            return (w * F.cross_entropy(rows, targets, reduction="none")).sum()
+        rows = self.rows(select)
+        total = rows.sum().float() * 0.0
+        step = self.chunk_rows()
+        with self.autocast():
+            for start in range(0, rows.shape[0], step):
+                total = total + _run_chunk(_weighted_chunk, self.head, rows[start : start + step], targets[start : start + step], weigh,
+                                           keep=rows.shape[0] <= step)
+        return total
+
+
+def _weighted_chunk(head, hidden: torch.Tensor, targets: torch.Tensor, weigh) -> torch.Tensor:
+    logits = head(hidden).float()
+    with torch.no_grad():
+        w = weigh(logits.detach(), targets)
+    return (w * F.cross_entropy(logits, targets, reduction="none")).sum()
+
+
 def _ce_chunk(head, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = head(hidden).float()
     return F.cross_entropy(logits, targets, reduction="sum"), logits.argmax(-1) == targets
