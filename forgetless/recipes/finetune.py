@@ -593,15 +593,13 @@ def _finish(run: Run) -> RunResult:
         run.log.close()
         if not cfg.output.keep_checkpoints:
             remove_checkpoints(run.run_dir)
-        if cfg.output.push_to_hub:
-            from forgetless.models.hub import local_base_warning, push_run
-
-            if local_base_warning(run.run_dir):
-                warnings.warn(local_base_warning(run.run_dir), ForgetlessWarning, stacklevel=2)
-
-            url = push_run(run.run_dir, cfg.output.push_to_hub, private=cfg.output.hub_private)
-            console.print(f"pushed to {url}")
     acc.wait_for_everyone()
+    if acc.is_main_process and cfg.output.push_to_hub:  # after the barrier: a failed push must not leave the others waiting
+        from forgetless.models.hub import local_base_warning, push_run
+
+        if local_base_warning(run.run_dir):
+            warnings.warn(local_base_warning(run.run_dir), ForgetlessWarning, stacklevel=2)
+        console.print(f"pushed to {push_run(run.run_dir, cfg.output.push_to_hub, private=cfg.output.hub_private)}")
     return RunResult(run.run_dir, state.before, after, roles, train_info, data_info, model=unwrapped, tokenizer=run.tokenizer)
 
 
