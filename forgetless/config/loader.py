@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from forgetless.config.schema import DatasetSpec, MethodConfigs, RunConfig, TaskConfig, type_name
+from forgetless.config.schema import DatasetSpec, MethodConfigs, RunConfig, TaskConfig, names_template_file, type_name
 from forgetless.config.secrets import redact_secrets
 from forgetless.errors import ConfigError
 from forgetless.registry import REGISTRY
@@ -189,7 +189,7 @@ def _build(cls: type, value: Any, key: str, src: _Source, base_dir: Path) -> Any
         kwargs[k] = _convert(v, hints[k], sub, src, base_dir)
         kind = fields[k].metadata.get("path")
         if kind == "template":  # a chat template: a file name is resolved, the template text itself is not
-            if isinstance(kwargs[k], str) and kwargs[k].endswith(TEMPLATE_SUFFIXES) and "{" not in kwargs[k]:
+            if names_template_file(kwargs[k]):
                 kwargs[k] = _resolve_path_option(kwargs[k], base_dir, in_file=src.file is not None)
         elif kind:
             kwargs[k] = _resolve_path_option(kwargs[k], base_dir, in_file=src.file is not None)
@@ -272,7 +272,6 @@ def _resolve_data_path(path: str, base_dir: Path) -> str:
 
 
 DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt"}
-TEMPLATE_SUFFIXES = (".jinja", ".j2", ".jinja2")
 
 
 def _resolve_metric_path(metric: Optional[str], base_dir: Path) -> Optional[str]:

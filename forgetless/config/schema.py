@@ -139,6 +139,11 @@ class ModelConfig:
     tiny: TinyModelConfig = option(factory=TinyModelConfig, help="Shape of the built-in tiny model.")
 
 
+def names_template_file(value) -> bool:
+    """Whether a data.chat_template value names a .jinja file (rather than being the template's text)."""
+    return isinstance(value, str) and value.endswith((".jinja", ".j2", ".jinja2")) and "{" not in value
+
+
 def check_repo_id(repo_id: str, where: str) -> None:
     """A hub repo id is ``name`` or ``owner/name`` of letters, digits, '-', '_', '.'."""
     import re
@@ -295,7 +300,7 @@ class DataConfig:
         if self.arrow_min_mb < 0:
             raise ConfigError(f"{where}.arrow_min_mb must be >= 0, got {self.arrow_min_mb}")
         template = self.chat_template
-        if template and template.endswith((".jinja", ".j2", ".jinja2")) and "{" not in template and not os.path.isfile(os.path.expanduser(template)):
+        if names_template_file(template) and not os.path.isfile(os.path.expanduser(template)):
             raise ConfigError(f"{where}.chat_template: file {template} not found; give a .jinja file, a Jinja template or 'chatml'")
 
 

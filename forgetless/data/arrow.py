@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from forgetless.data.encoding import no_usable_records
 from forgetless.data.formats import EncodeStats, Encoder, Example
 from forgetless.data.loading import Record, iter_records
 from forgetless.errors import DataError
@@ -81,26 +82,20 @@ def fingerprint(encoder: Encoder, spec) -> str:
 def _encode_batch(batch: dict, encoder: Encoder, requested: str) -> dict:
     """datasets.map function: records (JSON text) -> the Example columns; errors and drops as columns."""
     out: dict[str, list] = {k: [] for k in (*_FIELDS, "fmt", "kept", "truncated", "dropped_too_long", "dropped_no_target", "error")}
-    from forgetless.data.formats import detect_format
-
     for text, where in zip(batch["data"], batch["where"]):
-        rec = Record(json.loads(text), where)
         stats = EncodeStats()
-        ex, fmt, error = None, "", ""
+        ex, error = None, ""
         try:
-            fmt = detect_format(rec, requested)
-            ex = encoder._fit(encoder.encode(rec, fmt), stats)
+            ex = encoder.encode_record(Record(json.loads(text), where), requested, stats)
         except DataError as e:
             error = str(e)
-        out["fmt"].append(fmt)
+        out["fmt"].append(next(iter(stats.formats), ""))
         out["error"].append(error)
         out["kept"].append(ex is not None)
         for k in ("truncated", "dropped_too_long", "dropped_no_target"):
             out[k].append(getattr(stats, k))
         for k in _FIELDS:
             out[k].append(getattr(ex, k) if ex is not None else (where if k == "where" else None))
-        if ex is not None and ex.eos_appended is None:
-            out["eos_appended"][-1] = False
     return out
 
 
@@ -117,12 +112,12 @@ def tokenize(encoder: Encoder, spec, num_proc: int = 1, root: Optional[Path] = N
         work.mkdir(parents=True)
         try:
             raw = datasets.Dataset.from_generator(
-                _record_rows, gen_kwargs={"spec": spec}, cache_dir=str(work / "raw"),
-                features=datasets.Features({"data": datasets.Value("string"), "where": datasets.Value("string")}),
+                record_rows, gen_kwargs={"specs": [spec]}, cache_dir=str(work / "raw"),
+                features=datasets.Features({k: datasets.Value("string") for k in ("data", "where", "format")}),
             )
             with _spawned_workers(num_proc > 1):
                 mapped = raw.map(_encode_batch, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
-                                 fn_kwargs={"encoder": encoder, "requested": spec.format}, remove_columns=["data", "where"],
+                                 fn_kwargs={"encoder": encoder, "requested": spec.format}, remove_columns=["data", "where", "format"],
                                  features=_features(), cache_file_name=str(work / "mapped.arrow"), desc=None)
             errors = mapped.filter(lambda e: bool(e), input_columns="error", num_proc=None)
             if len(errors):
@@ -196,9 +191,12 @@ def _content_hash(table) -> str:
     return h.hexdigest()
 
 
-def _record_rows(spec) -> Iterator[dict]:
-    for rec in iter_records(spec):
-        yield {"data": json.dumps(rec.data, ensure_ascii=False), "where": rec.where}
+def record_rows(specs, streaming: bool = False) -> Iterator[dict]:
+    """The records of every spec, one at a time, as rows of JSON text (any record layout fits one
+    column), with the format each is read as: what datasets' generators take (here and data/stream.py)."""
+    for spec in specs:
+        for rec in iter_records(spec, streaming):
+            yield {"data": json.dumps(rec.data, ensure_ascii=False, default=str), "where": rec.where, "format": spec.format}
 
 
 class ExampleTable(Sequence):
@@ -246,20 +244,12 @@ class ExampleTable(Sequence):
 
 def encode_to_table(encoder: Encoder, specs, num_proc: int = 1, root: Optional[Path] = None) -> tuple[ExampleTable, EncodeStats]:
     """Several datasets tokenized through Arrow (concatenated), and their combined stats."""
-    from forgetless.errors import UserError
-
     tables, keys, total = [], [], EncodeStats()
     for spec in specs:
         table, stats, key = tokenize(encoder, spec, num_proc, root)  # key: the table's content hash
         if not len(table):
-            raise UserError(
-                f"{spec.path}: no usable records after tokenization ({stats.dropped_too_long} too long, "
-                f"{stats.dropped_no_target} with no target tokens); raise data.max_length or check the data"
-            )
+            raise no_usable_records(spec, stats)
         tables.append(table)
         keys.append(key)
-        for k in ("records", "kept", "truncated", "dropped_too_long", "dropped_no_target"):
-            setattr(total, k, getattr(total, k) + getattr(stats, k))
-        for fmt, n in stats.formats.items():
-            total.formats[fmt] = total.formats.get(fmt, 0) + n
+        total.add(stats)
     return ExampleTable(tables, keys), total

@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from forgetless.config.schema import names_template_file
 from forgetless.errors import DataError, ForgetlessWarning
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-TEMPLATE_SUFFIXES = (".jinja", ".j2", ".jinja2")
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _SENTINEL = "\u27e6fl{}\u27e7"  # ⟦fl3⟧: no template trims, escapes or tests for it
 _SENTINEL_RE = re.compile("\u27e6fl(\\d+)\u27e7")
@@ -200,7 +200,7 @@ class ChatTemplate:
         self.tok = tokenizer
         if template == "chatml":
             template = CHATML
-        elif template is not None and template.endswith(TEMPLATE_SUFFIXES) and "{" not in template:
+        elif names_template_file(template):
             template = Path(template).expanduser().read_text(encoding="utf-8")  # data.chat_template named a file
         if template is None:
             template = getattr(tokenizer, "chat_template", None)
@@ -238,11 +238,18 @@ class ChatTemplate:
             )
 
     def render(self, conv: Conversation, messages: Optional[list[dict]] = None, add_generation_prompt: bool = False, where: str = "") -> str:
+        return self._apply(conv, messages, where, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def assistant_mask(self, conv: Conversation, where: str):
+        """transformers' own assistant mask, from the template's ``{% generation %}`` markers: its
+        ``input_ids`` and ``assistant_masks``."""
+        return self._apply(conv, None, where, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+
+    def _apply(self, conv: Conversation, messages: Optional[list[dict]], where: str, **options):
         self.require(where)
         try:
             return self.tok.apply_chat_template(
-                messages if messages is not None else conv.messages, tools=conv.tools, chat_template=self.template,
-                tokenize=False, add_generation_prompt=add_generation_prompt, **conv.kwargs,
+                messages if messages is not None else conv.messages, tools=conv.tools, chat_template=self.template, **options, **conv.kwargs,
             )
         except Exception as e:  # a template raises on what it does not support (roles, order, tools)
             raise DataError(f"{where}: the chat template failed on this conversation ({str(e).splitlines()[0][:160]})") from None

@@ -14,13 +14,15 @@ def encode_dataset(encoder: Encoder, specs) -> tuple[list[Example], EncodeStats]
     for spec in specs:
         exs, stats = encoder.encode_all(load_records(spec), spec.format)
         if not exs:
-            raise UserError(
-                f"{spec.path}: no usable records after tokenization ({stats.dropped_too_long} too long, "
-                f"{stats.dropped_no_target} with no target tokens); raise data.max_length or check the data"
-            )
+            raise no_usable_records(spec, stats)
         examples += exs
-        for k in ("records", "kept", "truncated", "dropped_too_long", "dropped_no_target"):
-            setattr(total, k, getattr(total, k) + getattr(stats, k))
-        for fmt, n in stats.formats.items():
-            total.formats[fmt] = total.formats.get(fmt, 0) + n
+        total.add(stats)
     return examples, total
+
+
+def no_usable_records(spec, stats: EncodeStats) -> UserError:
+    """The error for a dataset that tokenization left empty."""
+    return UserError(
+        f"{spec.path}: no usable records after tokenization ({stats.dropped_too_long} too long, "
+        f"{stats.dropped_no_target} with no target tokens); raise data.max_length or check the data"
+    )

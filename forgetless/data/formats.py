@@ -66,6 +66,13 @@ class EncodeStats:
     dropped_no_target: int = 0
     formats: dict[str, int] = field(default_factory=dict)
 
+    def add(self, other: "EncodeStats") -> None:
+        """Count ``other``'s records in too (several datasets, concatenated)."""
+        for k in ("records", "kept", "truncated", "dropped_too_long", "dropped_no_target"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        for fmt, n in other.formats.items():
+            self.formats[fmt] = self.formats.get(fmt, 0) + n
+
 
 def detect_format(rec: Record, requested: str = "auto") -> str:
     """The format of a record, or a DataError naming the record and its fields."""
@@ -174,18 +181,22 @@ class Encoder:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def encode_all(self, records: list[Record], requested_format: str = "auto") -> tuple[list[Example], EncodeStats]:
-        stats = EncodeStats(records=len(records))
-        out = []
-        for rec in records:
-            fmt = detect_format(rec, requested_format)
-            stats.formats[fmt] = stats.formats.get(fmt, 0) + 1
-            ex = self.encode(rec, fmt)
-            ex.record = rec.data
-            ex = self._fit(ex, stats)
-            if ex is not None:
-                out.append(ex)
-        stats.kept = len(out)
+        stats = EncodeStats()
+        out = [ex for rec in records if (ex := self.encode_record(rec, requested_format, stats)) is not None]
         return out, stats
+
+    def encode_record(self, rec: Record, requested_format: str, stats: EncodeStats) -> Optional[Example]:
+        """One record: its format detected (a DataError names the record), encoded and fitted to
+        max_length; ``stats`` counts it. None: dropped (too long, or no target left). Every path that
+        tokenizes data (in memory, Arrow, stream) goes through here."""
+        fmt = detect_format(rec, requested_format)
+        stats.records += 1
+        stats.formats[fmt] = stats.formats.get(fmt, 0) + 1
+        ex = self.encode(rec, fmt)
+        ex.record = rec.data
+        ex = self._fit(ex, stats)
+        stats.kept += ex is not None
+        return ex
 
     def encode(self, rec: Record, fmt: str) -> Example:
         d = rec.data
@@ -263,13 +274,7 @@ class Encoder:
 
     def _generation_mask(self, conv, text: str, pieces, enc, where: str) -> list[bool]:
         """The template's own ``{% generation %}`` spans (transformers' assistant mask), from the completion on."""
-        try:
-            out = self.tok.apply_chat_template(
-                conv.messages, tools=conv.tools, chat_template=self.chat.template, tokenize=True, return_dict=True,
-                return_assistant_tokens_mask=True, **conv.kwargs,
-            )
-        except Exception as e:
-            raise DataError(f"{where}: the chat template failed on this conversation ({str(e).splitlines()[0][:160]})") from None
+        out = self.chat.assistant_mask(conv, where)
         if list(out["input_ids"]) != list(enc["input_ids"]):
             raise DataError(f"{where}: the chat template tokenizes differently with its assistant mask; report this template")
         begin = min([p.start for p in pieces if p.message >= conv.first_trained], default=0) if conv.first_trained else 0

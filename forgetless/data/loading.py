@@ -51,11 +51,15 @@ def load_records(spec: DatasetSpec) -> list[Record]:
     return [Record(convert(r.data, r.where, spec.columns), r.where) for r in records]
 
 
-def iter_records(spec: DatasetSpec) -> Iterator[Record]:
+def iter_records(spec: DatasetSpec, streaming: bool = False) -> Iterator[Record]:
     """The records of one dataset one at a time (converted as :func:`load_records` does), so that
-    a big JSONL file is never held in memory (forgetless/data/arrow.py); other kinds are read whole."""
+    a big JSONL file is never held in memory (forgetless/data/arrow.py, stream.py); with
+    ``streaming``, a hub dataset is read through ``datasets``' streaming too; other kinds are read whole."""
     path = str(builtin_path(spec.path)) if is_builtin(spec.path) else spec.path
     p = Path(path)
+    if streaming and not p.exists() and not is_builtin(spec.path) and not path.startswith((".", "/", "~")):
+        yield from _stream_hub(spec)
+        return
     if p.is_file() and p.suffix.lower() == ".jsonl":
         n = 0
         for rec in _iter_jsonl(p):
@@ -170,6 +174,23 @@ def _read_txt(p: Path, limit: int | None) -> list[Record]:
             para = []
         line += 1
     return records[:limit] if limit else records
+
+
+def _stream_hub(spec: DatasetSpec) -> Iterator[Record]:
+    import datasets
+
+    try:
+        stream = datasets.load_dataset(spec.path, spec.subset, split=spec.split, streaming=True)
+    except Exception as e:  # offline, unknown id, gated, bad split
+        raise DataError(
+            f"{spec.path}: not a local file, and streaming it as a hub dataset failed "
+            f"({str(e).splitlines()[0][:200]}); check the path or id, split and network"
+        ) from None
+    for i, rec in enumerate(stream):
+        if spec.limit and i >= spec.limit:
+            return
+        where = f"{spec.path}[{spec.split}] row {i}"
+        yield Record(convert(dict(rec), where, spec.columns), where)
 
 
 def _read_hub(spec: DatasetSpec) -> list[Record]:

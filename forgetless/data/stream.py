@@ -25,8 +25,8 @@ import hashlib
 import json
 from typing import Iterator, Optional
 
-from forgetless.data.formats import EncodeStats, Encoder, Example, detect_format
-from forgetless.data.loading import Record, iter_records
+from forgetless.data.formats import EncodeStats, Encoder, Example
+from forgetless.data.loading import Record
 from forgetless.errors import UserError
 
 
@@ -55,7 +55,9 @@ class ExampleStream:
     def _records(self, epoch: int):
         import datasets
 
-        stream = datasets.IterableDataset.from_generator(_stream_rows, gen_kwargs={"specs": self.specs})
+        from forgetless.data.arrow import record_rows
+
+        stream = datasets.IterableDataset.from_generator(record_rows, gen_kwargs={"specs": self.specs, "streaming": True})
         return stream.shuffle(seed=self.seed + epoch, buffer_size=self.buffer_size)
 
     def _examples(self) -> Iterator[Example]:
@@ -65,16 +67,11 @@ class ExampleStream:
         while True:
             usable = 0
             for i, row in enumerate(self._records(epoch)):
-                rec = Record(json.loads(row["data"]), row["where"])
-                fmt = detect_format(rec, row["format"])
                 new = epoch == 0 and i >= self._counted
-                counted = self.stats if new else EncodeStats()
-                ex = self.encoder._fit(self.encoder.encode(rec, fmt), counted)
+                ex = self.encoder.encode_record(Record(json.loads(row["data"]), row["where"]), row["format"],
+                                                self.stats if new else EncodeStats())
                 if new:
                     self._counted = i + 1
-                    self.stats.records += 1
-                    self.stats.formats[fmt] = self.stats.formats.get(fmt, 0) + 1
-                    self.stats.kept += ex is not None
                 if ex is None:
                     continue
                 usable += 1
@@ -111,29 +108,3 @@ class ExampleStream:
         if isinstance(i, slice) and (i.start or 0) == 0 and i.stop is not None and i.step in (None, 1):
             return self.head(i.stop)
         raise TypeError("a stream is read in order: use take(start, end) or a slice from the start")
-
-
-def _stream_rows(specs) -> Iterator[dict]:
-    """The records of every spec, one at a time, as rows of JSON text (any record layout fits one column)."""
-    import datasets
-
-    for spec in specs:
-        if spec.path.startswith("demo:") or _is_file(spec.path):
-            for rec in iter_records(spec):
-                yield {"data": json.dumps(rec.data, ensure_ascii=False), "where": rec.where, "format": spec.format}
-        else:
-            from forgetless.data.conversions import convert
-
-            hub = datasets.load_dataset(spec.path, spec.subset, split=spec.split, streaming=True)
-            for i, rec in enumerate(hub):
-                if spec.limit and i >= spec.limit:
-                    break
-                where = f"{spec.path}[{spec.split}] row {i}"
-                yield {"data": json.dumps(convert(dict(rec), where, spec.columns), ensure_ascii=False, default=str), "where": where,
-                       "format": spec.format}
-
-
-def _is_file(path: str) -> bool:
-    from pathlib import Path
-
-    return Path(path).expanduser().is_file() or path.startswith((".", "/", "~"))

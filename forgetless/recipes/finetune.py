@@ -504,7 +504,7 @@ def _step_record(run: Run, o: StepOutcome, tps: float, clock: _Clock) -> dict:
     state = run.state
     record = {
         "step": state.step,
-        "epoch": None if run.batches.epoch_at(state.step) is None else round(run.batches.epoch_at(state.step), 4),
+        "epoch": None if (epoch := run.batches.epoch_at(state.step)) is None else round(epoch, 4),
         "loss": state.last_loss,
         "lr": run.scheduler.get_last_lr()[0],
         "target_tokens": o.target_tokens,
@@ -597,8 +597,8 @@ def _finish(run: Run) -> RunResult:
     if acc.is_main_process and cfg.output.push_to_hub:  # after the barrier: a failed push must not leave the others waiting
         from forgetless.models.hub import local_base_warning, push_run
 
-        if local_base_warning(run.run_dir):
-            warnings.warn(local_base_warning(run.run_dir), ForgetlessWarning, stacklevel=2)
+        if warning := local_base_warning(run.run_dir):
+            warnings.warn(warning, ForgetlessWarning, stacklevel=2)
         console.print(f"pushed to {push_run(run.run_dir, cfg.output.push_to_hub, private=cfg.output.hub_private)}")
     return RunResult(run.run_dir, state.before, after, roles, train_info, data_info, model=unwrapped, tokenizer=run.tokenizer)
 
