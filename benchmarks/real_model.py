@@ -53,6 +53,14 @@ ROWS: dict[str, tuple[dict, dict, tuple | None]] = {
     "synthetic replay": ({"synthetic_replay": {"prompts": "@replay_prompts", "num_samples": 48, "temperature": 0.0,
                                                "max_new_tokens": 48}}, {}, ("synthetic_replay", "ratio", [0.1, 0.25, 0.5])),
     "moe lora (4 experts)": ({"moe_lora": {"num_experts": 4, "r": 8}}, {"lr": ADAPTER_LR}, None),
+    # the methods of 2024-2026 (issue 12), at their papers' default strengths (not swept)
+    "dft": ({"dft": {}}, {}, None),
+    "eaft (top 20)": ({"eaft": {}}, {}, None),
+    "flow (tau = median loss)": ({"flow": {}}, {}, None),
+    "mofo (10% per tensor)": ({"mofo": {"fraction": 0.1}}, {}, None),
+    "a-gem (memory: general prose)": ({"agem": {"memory": ["@general_mix"], "size_examples": 64}}, {}, None),
+    "lora pissa init (r=16)": ({"lora": {"r": 16, "alpha": 32, "init": "pissa", "init_niter": 4}}, {"lr": ADAPTER_LR}, None),
+    "osf (30% protected)": ({"osf": {}}, {}, None),
 }
 # the combination: LoRA with the KL anchor and the model's own answers replayed (strengths: the sweep's)
 COMBINATION = ("lora + kl + synthetic replay", ["lora (r=16, all linear)", "kl to the base (own data)", "synthetic replay"])

@@ -187,28 +187,46 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
         alphas = tuple(float(a) for a in args.alphas.split(","))
     except ValueError:
         raise UserError(f"--alphas {args.alphas!r}: expected numbers separated by commas, e.g. 0,0.25,0.5,0.75,1") from None
+    weights = None
+    if args.weights is not None:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise UserError(f"--weights {args.weights!r}: expected one number per run, separated by commas, e.g. 1,0.5") from None
     result = run_interpolation(
-        args.run, base=args.base, new=_named_paths(args.new, "--new"), keep=_named_paths(args.keep, "--keep"),
-        alphas=alphas, min_keep=args.min_keep, output=args.output, max_examples=args.max_examples,
-        generation=not args.no_generation, max_new_tokens=args.max_new_tokens, progress=True, overwrite=args.overwrite,
-        dtype=args.dtype,
+        args.run if len(args.run) > 1 else args.run[0], base=args.base, new=_named_paths(args.new, "--new"),
+        keep=_named_paths(args.keep, "--keep"), alphas=alphas, min_keep=args.min_keep, output=args.output,
+        max_examples=args.max_examples, generation=not args.no_generation, max_new_tokens=args.max_new_tokens, progress=True,
+        overwrite=args.overwrite, dtype=args.dtype, merge=args.merge, density=args.density, weights=weights, seed=args.seed,
+        per_layer=args.per_layer,
     )
     from rich.table import Table
 
     from forgetless.progress import console
 
-    roles = result["roles"]
-    table = Table(title="weight interpolation: (1 - alpha) * base + alpha * fine-tuned", title_justify="left",
+    roles, merged = result["roles"], result.get("merge")
+    if merged:
+        how = merged["method"] + (f", density {merged['density']:g}" if merged["density"] is not None else "")
+        title, knob = f"task-vector merge ({how}, {len(merged['runs'])} run(s)): base + lambda * merged", "lambda"
+    else:
+        title, knob = "weight interpolation: (1 - alpha) * base + alpha * fine-tuned", "alpha"
+    table = Table(title=title, title_justify="left",
                   caption="each set's headline score: its data metric, else exact match where generated, else token accuracy",
                   caption_justify="left")
-    table.add_column("alpha")
+    table.add_column(knob)
     for name, role in roles.items():
         table.add_column(f"{name} ({'learn' if role == 'new' else 'keep'}, {result['metrics'][name]})")
     for p in result["points"]:
         mark = " <- chosen" if p["alpha"] == result["selection"]["alpha"] else ""
         table.add_row(f"{p['alpha']:g}{mark}", *(f"{primary_score(p['scores'][n]):.3f}" for n in roles))
     console.print(table)
-    print(f"model at alpha {result['selection']['alpha']:g} written to {result['output']} (with interpolation.json and .csv)")
+    layers = result.get("per_layer")
+    if layers:
+        chosen = ", ".join(f"{g} {a:g}" for g, a in layers["alphas"].items())
+        print(f"per-layer {knob}s ({layers['evaluations']} more evaluations from {layers['start_alpha']:g}): {chosen}")
+        print(f"model at those {knob}s written to {result['output']} (with interpolation.json and .csv)")
+    else:
+        print(f"model at {knob} {result['selection']['alpha']:g} written to {result['output']} (with interpolation.json and .csv)")
     return 0
 
 
@@ -353,12 +371,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "interpolate",
-        help="WiSE-FT: sweep (1-alpha)*base + alpha*fine-tuned, score old and new data, write the chosen model",
+        help="WiSE-FT: sweep (1-alpha)*base + alpha*fine-tuned (or merged task vectors: TIES, DARE), score old and new data, write the chosen model",
         description="Interpolate between a base model and a fine-tuned one, score the new task and the keep "
         "sets at each alpha, and write the chosen model (safetensors) with interpolation.json/.csv. From a run "
-        "directory, the base model and the eval/keep sets come from its config.yaml.",
+        "directory, the base model and the eval/keep sets come from its config.yaml. With --merge, the task vectors "
+        "of one or several runs over one base are merged (TIES, DARE, task arithmetic) and the sweep scales the merged "
+        "vector; --per-layer gives groups of blocks alphas of their own.",
     )
-    p.add_argument("run", metavar="RUN_OR_MODEL", help="a run directory, or a fine-tuned model directory (then give --base)")
+    p.add_argument("run", metavar="RUN_OR_MODEL", nargs="+",
+                   help="a run directory, or a fine-tuned model directory (then give --base); several (one base) with --merge")
     p.add_argument("--base", help="the base model (default: the run's model.name_or_path)")
     p.add_argument("--new", action="append", metavar="NAME=PATH", help="new-task data to score (repeatable; default: the run's eval sets)")
     p.add_argument("--keep", action="append", metavar="NAME=PATH", help="data to keep (repeatable; default: the run's keep sets)")
@@ -371,6 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest generation for exact match (default: each set's longest reference + 4 tokens)")
     p.add_argument("--no-generation", action="store_true", help="skip greedy decoding; judge by token accuracy")
+    p.add_argument("--merge", metavar="METHOD",
+                   help="merge the runs' task vectors (fine-tuned - base): ties, dare_ties, dare_linear, task_arithmetic or "
+                   "magnitude; the sweep then scales the merged vector, base + lambda * merged (one run: trims or drops its own)")
+    p.add_argument("--density", type=float, default=None, metavar="SHARE",
+                   help="with --merge ties/dare_*/magnitude: the share of each task vector's entries kept (default 0.2)")
+    p.add_argument("--weights", metavar="W1,W2,...", help="with --merge: one weight per run's task vector (default 1 each)")
+    p.add_argument("--seed", type=int, default=None, help="with --merge dare_*: the seed of the random drop (default 0)")
+    p.add_argument("--per-layer", type=int, default=None, metavar="GROUPS",
+                   help="also choose one alpha per group of consecutive blocks (GROUPS groups, plus one for the embeddings, "
+                   "norm and head), by coordinate search from the best global alpha: (GROUPS + 1) * (alphas - 1) more evaluations")
     _dtype_flag(p)
     p.set_defaults(func=cmd_interpolate)
 

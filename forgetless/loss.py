@@ -119,31 +119,50 @@ class Outputs:
         return loss, torch.cat(correct) if correct else targets.new_zeros(0, dtype=torch.bool)
 
 
-    def weighted_loss(self, labels: torch.Tensor, weigh: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """``sum_t w_t * loss_t`` over the target tokens, ``w = weigh(logits, targets)`` computed per chunk
-        without gradient (a loss-shaping method's weights are constants of the step, e.g. DFT's
-        detached target probability). The head is applied at the targets in chunks, like :meth:`token_loss`."""
+    @torch.no_grad()
+    def token_losses(self, labels: torch.Tensor) -> torch.Tensor:
+        """(targets,) each target token's cross-entropy, in ``target_positions`` order; no gradient."""
+        select = target_positions(labels)
+        targets = labels[:, 1:][select]
+        if self.logits is not None:
+            return F.cross_entropy(self.logits[:, :-1][select].float(), targets, reduction="none")
+        rows, step, parts = self.rows(select), self.chunk_rows(), []
+        with self.autocast():
+            for start in range(0, rows.shape[0], step):
+                parts.append(F.cross_entropy(self.head(rows[start : start + step]).float(), targets[start : start + step], reduction="none"))
+        return torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.float32)
+
+    def weighted_loss(self, labels: torch.Tensor, weigh) -> torch.Tensor:
+        """``sum_t w_t * loss_t`` over the target tokens, without gradient through the weights.
+
+        ``weigh`` is either a function ``(logits, targets) -> w`` evaluated per chunk (weights that
+        depend on the model's own outputs, e.g. DFT's detached target probability) or a tensor of
+        one weight per target token, in the order of ``labels[:, 1:][target_positions(labels)]``
+        (weights known before the forward, e.g. FLOW's per-example ones). The head is applied at
+        the targets in chunks, like :meth:`token_loss`."""
         select = target_positions(labels)
         targets = labels[:, 1:][select]
         if self.logits is not None:
             rows = self.logits[:, :-1][select].float()
-            with torch.no_grad():
-                w = weigh(rows.detach(), targets)
-            return (w * F.cross_entropy(rows, targets, reduction="none")).sum()
+            return _weighted_chunk(None, rows, targets, weigh, pre_applied=True)
         rows = self.rows(select)
         total = rows.sum().float() * 0.0
         step = self.chunk_rows()
         with self.autocast():
             for start in range(0, rows.shape[0], step):
-                total = total + _run_chunk(_weighted_chunk, self.head, rows[start : start + step], targets[start : start + step], weigh,
+                part = weigh[start : start + step] if torch.is_tensor(weigh) else weigh
+                total = total + _run_chunk(_weighted_chunk, self.head, rows[start : start + step], targets[start : start + step], part,
                                            keep=rows.shape[0] <= step)
         return total
 
 
-def _weighted_chunk(head, hidden: torch.Tensor, targets: torch.Tensor, weigh) -> torch.Tensor:
-    logits = head(hidden).float()
-    with torch.no_grad():
-        w = weigh(logits.detach(), targets)
+def _weighted_chunk(head, hidden: torch.Tensor, targets: torch.Tensor, weigh, pre_applied: bool = False) -> torch.Tensor:
+    logits = hidden if pre_applied else head(hidden).float()
+    if torch.is_tensor(weigh):
+        w = weigh.detach().to(logits.device, torch.float32)
+    else:
+        with torch.no_grad():
+            w = weigh(logits.detach(), targets)
     return (w * F.cross_entropy(logits, targets, reduction="none")).sum()
 
 

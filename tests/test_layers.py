@@ -3,7 +3,7 @@
     cli (and the package root: the Python API)
       -> recipes (finetune, continual), demo, interpolate
         -> methods, eval, report
-          -> data, models, loss, checkpoint, rundir, progress
+          -> data, models, loss, checkpoint, rundir, progress, merging
             -> config, registry, files, errors
 
 A module may import its own layer and the layers below it, never one above, lazily or not (every
@@ -20,7 +20,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "forgetless"
 
 LAYERS = [  # lowest first; a module belongs to the first entry that is it or its package
     ("base", ["forgetless.errors", "forgetless.registry", "forgetless.files", "forgetless.config"]),
-    ("data and models", ["forgetless.data", "forgetless.models", "forgetless.loss", "forgetless.checkpoint", "forgetless.rundir", "forgetless.progress"]),
+    ("data and models", ["forgetless.data", "forgetless.models", "forgetless.loss", "forgetless.checkpoint", "forgetless.rundir", "forgetless.progress",
+                         "forgetless.merging"]),
     ("methods, eval, report", ["forgetless.methods", "forgetless.eval", "forgetless.report"]),
     ("recipes", ["forgetless.recipes", "forgetless.demo", "forgetless.interpolate"]),
     ("cli", ["forgetless.cli", "forgetless.__main__", "forgetless"]),

@@ -223,6 +223,22 @@ def collate_packed(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Te
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
 
 
+def example_spans(batch: dict[str, torch.Tensor]) -> list[list[tuple[int, int]]]:
+    """Per row, the ``(start, end)`` column spans of its examples: one span of the real tokens in a
+    right-padded row (:func:`collate`), one per example in a packed row (:func:`collate_packed`,
+    where the position ids restart at every example)."""
+    mask = batch["attention_mask"]
+    out = []
+    for row in range(mask.shape[0]):
+        n = int(mask[row].sum())
+        if "position_ids" not in batch:
+            out.append([(0, n)] if n else [])
+            continue
+        starts = (batch["position_ids"][row, :n] == 0).nonzero()[:, 0].tolist()
+        out.append(list(zip(starts, starts[1:] + [n])))
+    return out
+
+
 def predicting(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(batch, seq - 1): positions whose next token is a real token of the same example (shifted, as targets are)."""
     out = batch["attention_mask"][:, 1:] == 1

@@ -22,6 +22,19 @@ every enabled method at fixed points, in phase order (select, adapt, regularize,
     step_terms(model)             -> {name: tensor}
                                                a loss term added once per optimiser step (penalties
                                                on the weights, which do not depend on the batch)
+    reference_data(ctx)           -> Reference | None
+                                               named groups of examples whose gradients constrain
+                                               the step (A-GEM's memory, GEM's tasks): every step the
+                                               recipe draws a batch of each group (seeded, sharded,
+                                               micro-batched like the training batch) and computes
+                                               its token-mean LM gradient, before the step's own
+    edit_gradients(params, references) -> {name: float}
+                                               change the accumulated gradients of the trainable
+                                               ``params`` in place, given each group's reference
+                                               gradient (a list aligned with ``params``), before
+                                               clipping and the optimiser step; returns facts to log
+    configure_optimizer(optimizer)             e.g. register step hooks that constrain the update
+                                               (MoFO); called once, before accelerate prepares it
     after_train(model, ctx)                    e.g. save generated data (ctx.save_artifact)
     state_dict() / load_state_dict(state)      what must survive a resume (JSON-able / tensors)
     describe()                    -> dict      facts for the run summary
@@ -96,6 +109,7 @@ class Context:
     resume_state: Optional[dict] = None  # method name -> its state_dict() in the checkpoint resumed from
     run_dir: Optional[Path] = None  # set once the run directory exists (after the setup hooks); use save_artifact
     autocast: Callable[[], ContextManager] = nullcontext  # the run's mixed-precision context
+    micro_batch_size: int = 8  # train.micro_batch_size: examples per forward pass a method may run
 
     @classmethod
     def build(cls, cfg, tokenizer, accelerator=None, run_dir: Optional[Path] = None, train_examples=(), seed: Optional[int] = None,
@@ -116,6 +130,7 @@ class Context:
             resume_state=resume_state,
             run_dir=run_dir,
             autocast=acc.autocast if acc is not None else nullcontext,
+            micro_batch_size=cfg.train.micro_batch_size,
         )
 
     def restored(self, name: str) -> Optional[dict]:
@@ -135,6 +150,14 @@ class Context:
         if self.run_dir is None or not self.is_main:
             return None
         return write_atomic(self.run_dir / name, write)
+
+
+@dataclass
+class Reference:
+    """What ``Method.reference_data`` returns: the groups whose gradients constrain each step."""
+
+    groups: dict[str, list]  # group name -> examples (tokenized like the training data)
+    batch: Optional[int] = None  # examples drawn from each group per step (None: the global batch)
 
 
 @dataclass
@@ -180,6 +203,15 @@ class Method:
 
     def step_terms(self, model) -> dict[str, torch.Tensor]:
         return {}
+
+    def reference_data(self, ctx: Context) -> Optional[Reference]:
+        return None
+
+    def edit_gradients(self, params: list, references: dict[str, list]) -> dict[str, float]:
+        return {}
+
+    def configure_optimizer(self, optimizer) -> None:
+        pass
 
     def after_train(self, model, ctx: Context) -> None:
         pass

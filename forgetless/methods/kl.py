@@ -12,7 +12,10 @@ the LM loss. ``T²`` keeps the gradient's size independent of the temperature (H
 
 The teacher costs no copy of the weights when the model carries adapters (PEFT LoRA, forgetless's
 bottleneck adapters): it is the same model inside ``adapters_disabled`` (TRL's reference-model
-trick). Otherwise it is a frozen deep copy made in ``before_train``.
+trick). Otherwise it is a frozen deep copy made in ``before_train``: also for a LoRA whose init
+moved part of the base into the adapter (PiSSA, CorDA, OLoRA; methods.lora ``init``), where
+adapters off leave the residual ``W − s·B₀A₀``; its copy is folded (``merge_and_unload``) at the
+starting weights, ``W_res + s·B₀A₀``, which is the base up to float rounding.
 
 Which positions and data::
 
@@ -44,6 +47,7 @@ from forgetless.data.batching import count_targets, predicting
 from forgetless.errors import ConfigError
 from forgetless.loss import Outputs, forward as lm_forward, kl_sum, kl_sum_chunked, target_positions
 from forgetless.methods.base import Context, Method
+from forgetless.methods.lora import moves_base
 from forgetless.registry import register, REGULARIZE, STARTS_AT_BASE
 from forgetless.models.adapters import adapters_disabled, has_adapters, is_peft_model
 
@@ -83,6 +87,8 @@ def _base_is_frozen(model) -> bool:
     """Whether ``adapters_disabled`` still gives the *original* model: only adapter weights train."""
     if not is_peft_model(model):
         return True  # forgetless's adapter kinds freeze the base model themselves
+    if moves_base(model):
+        return False  # adapters off: the residual the init left, not the base
     prefix = getattr(model.base_model, "prefix", "lora_")
     return all(prefix in n or "modules_to_save" in n for n, p in model.named_parameters() if p.requires_grad)
 
@@ -124,7 +130,10 @@ class KL(Method):
     def before_train(self, model, ctx: Context) -> None:
         self.autocast = ctx.autocast
         if not (has_adapters(model) and _base_is_frozen(model)):
-            self.teacher = copy.deepcopy(model).eval().requires_grad_(False).to(ctx.device)
+            teacher = copy.deepcopy(model)
+            if moves_base(model):
+                teacher = teacher.merge_and_unload()
+            self.teacher = teacher.eval().requires_grad_(False).to(ctx.device)
 
     @torch.no_grad()
     def teacher_outputs(self, model, input_ids, attention_mask, position_ids=None) -> Outputs:

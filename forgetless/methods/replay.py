@@ -158,6 +158,7 @@ def per_task(candidates: list[Candidate], size: int, by_tokens: bool, rng: rando
 
 class Replay(Method):
     name = "replay"
+    memory_file = MEMORY_FILE  # where the memory is saved in the run directory (and read from by the next task)
 
     def __init__(self, cfg: ReplayConfig):
         self.cfg = cfg
@@ -202,7 +203,7 @@ class Replay(Method):
             start, _ = algorithm_r(old, cfg.size_examples, rng)
             self.memory, self.seen = algorithm_r(new, cfg.size_examples, rng, tuple(start), seen)
         if not self.memory:
-            raise UserError("methods.replay: the memory is empty (size_tokens smaller than any example?); raise the size")
+            raise UserError(f"methods.{self.name}: the memory is empty (size_tokens smaller than any example?); raise the size")
 
     def state_dict(self) -> dict:
         memory = [{"record": c.record, "format": c.format, "task": c.task, "where": c.where, "key": c.key, "example": asdict(c.example)} for c in self.memory]
@@ -219,19 +220,19 @@ class Replay(Method):
                     meta = {"task": c.task, "where": c.where, "format": c.format, "seen": self.seen, "key": c.key}
                     f.write(json.dumps({**c.record, META: meta}, ensure_ascii=False) + "\n")
 
-        ctx.save_artifact(MEMORY_FILE, write)
+        ctx.save_artifact(self.memory_file, write)
 
     @classmethod
     def next_task(cls, options: ReplayConfig, link) -> Optional[ReplayConfig]:
         """The memory grows: the previous run's memory plus the previous task's data are the candidates,
         so reservoir sampling keeps one uniform sample of every earlier task."""
-        saved = link.previous / MEMORY_FILE if link.previous is not None else None
+        saved = link.previous / cls.memory_file if link.previous is not None else None
         if saved is not None and saved.is_file():
             options.previous = DatasetSpec(path=str(saved))
             options.memory = []  # the user's own memory sets entered the stream with the first replay run
         options.memory = [*options.memory, *link.previous_train]
         if not options.memory and options.previous is None:
-            link.note("replay: nothing to replay before the second task")
+            link.note(f"{cls.name}: no memory before the second task")
             return None
         return options
 

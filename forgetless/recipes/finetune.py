@@ -276,6 +276,7 @@ class Run:
     sources: list[Source]  # the task first, then the streams methods mix in
     batches: MixedBatches
     paired: list[tuple[Method, MixedBatches]]  # methods' own data, drawn every step like the batch
+    references: list[tuple[Method, dict[str, MixedBatches]]]  # groups whose gradients constrain the step (Method.reference_data)
     eval_sets: list[EvalSet]
     train_stats: EncodeStats
     state: TrainerState
@@ -319,6 +320,11 @@ def _setup(cfg: RunConfig, accelerator, trackers: list[str], ckpt: Optional[Chec
             raise UserError(f"methods.{m.name}: its data has no usable examples; check the dataset it names")
         if examples is not None:
             paired_sources.append((m, Source(m.name, examples, 1.0)))
+    reference_data = [(m, ref) for m in methods if (ref := m.reference_data(ctx)) is not None]
+    for m, ref in reference_data:
+        empty = [g for g, exs in ref.groups.items() if not exs]
+        if not ref.groups or empty:
+            raise UserError(f"methods.{m.name}: its reference data {'group ' + empty[0] + ' ' if empty else ''}has no usable examples")
     trainable, total_params = count_parameters(model)
     if trainable == 0:
         raise ConfigError("no trainable parameters: the configuration froze the whole model")
@@ -337,10 +343,22 @@ def _setup(cfg: RunConfig, accelerator, trackers: list[str], ckpt: Optional[Chec
     batches = MixedBatches(sources, global_batch, t.seed)
     # Each method's own data has its own seeded stream (by name), the same size per step as the batch.
     paired = [(m, MixedBatches([s], global_batch, t.seed + zlib.crc32(m.name.encode()))) for m, s in paired_sources]
+    # Reference groups likewise (each group's batch a multiple of the processes, so that every one draws a share).
+    references, reference_sources = [], []
+    for m, ref in reference_data:
+        size = global_batch if ref.batch is None else world * math.ceil(ref.batch / world)
+        streams = {}
+        for g, exs in ref.groups.items():
+            source = Source(f"{m.name}:{g}", exs, 1.0)
+            reference_sources.append(source)
+            streams[g] = MixedBatches([source], size, t.seed + zlib.crc32(source.name.encode()))
+        references.append((m, streams))
     total_steps = t.max_steps or batches.steps_for_epochs(t.epochs)
-    fingerprint = data_fingerprint(sources + [s for _, s in paired_sources])
+    fingerprint = data_fingerprint(sources + [s for _, s in paired_sources] + reference_sources)
 
     optimizer = build_optimizer(model, cfg)
+    for m in methods:
+        m.configure_optimizer(optimizer)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     if ckpt:
         if ckpt.trainer["data"] != fingerprint or ckpt.trainer["total_steps"] != total_steps:
@@ -370,7 +388,7 @@ def _setup(cfg: RunConfig, accelerator, trackers: list[str], ckpt: Optional[Chec
     writer = CheckpointWriter(run_dir, accelerator, out.keep_last, base_ids)
     if ckpt:  # last: nothing in the setup above may draw from the restored random streams
         restore_rng(*ckpt.rng(accelerator.process_index))
-    return Run(cfg, accelerator, tokenizer, model, optimizer, scheduler, methods, ctx, sources, batches, paired, eval_sets,
+    return Run(cfg, accelerator, tokenizer, model, optimizer, scheduler, methods, ctx, sources, batches, paired, references, eval_sets,
                train_stats, state, writer, log, run_dir, trainable, total_params)
 
 
@@ -425,6 +443,7 @@ class StepOutcome:
     target_tokens: int
     tokens: int  # real tokens of the global batch
     grad_norm: float
+    gradient: dict[str, float] = field(default_factory=dict)  # what methods' edit_gradients report (e.g. A-GEM's projections)
 
 
 def _train_steps(run: Run) -> None:
@@ -479,8 +498,13 @@ def _step(run: Run, step: int) -> StepOutcome:
     counts = [int(c) for c in _reduce_sum(acc, torch.tensor(local, dtype=torch.float64)).tolist()]
     global_targets = counts[0]
     jobs = [(m, mbs, world / max(c, 1)) for (m, mbs), c in zip(paired, counts[1:])]
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    references = [(m, _reference_gradients(run, streams, step, params)) for m, streams in run.references]
     sums = forward_backward(run.model, micro, acc, scale=world / max(global_targets, 1), methods=run.methods, paired=jobs)
     step_terms, paired_sums = sums.pop("step_terms"), sums.pop("paired")
+    gradient = {}
+    for m, ref in references:  # every process holds the same synchronised gradients, so each edits them alike
+        gradient.update(m.edit_gradients(params, ref))
     grad_norm = _grad_norm(run.model, acc, t.max_grad_norm)
     # One reduction: every process's summed terms, and whether any process saw a non-finite gradient.
     flag = torch.tensor(0.0 if math.isfinite(grad_norm) else 1.0, dtype=torch.float64)
@@ -497,7 +521,22 @@ def _step(run: Run, step: int) -> StepOutcome:
     run.scheduler.step()  # also on a skipped step: the schedule, like the data, follows the step number
     run.optimizer.zero_grad(set_to_none=True)
     tokens = int(_reduce_sum(acc, torch.tensor([sum(int(b["attention_mask"].sum()) for b in micro)], dtype=torch.float64)).item())
-    return StepOutcome(problem, means, step_terms, global_targets, tokens, grad_norm)
+    return StepOutcome(problem, means, step_terms, global_targets, tokens, grad_norm, gradient)
+
+
+def _reference_gradients(run: Run, streams: dict[str, MixedBatches], step: int, params: list) -> dict[str, list[torch.Tensor]]:
+    """Each group's token-mean LM gradient on its batch of ``step`` (synchronised over processes), aligned
+    with ``params``; the gradients are zeroed again after each, so the step's own accumulate from zero."""
+    acc, t = run.accelerator, run.cfg.train
+    rank, world, pad = acc.process_index, acc.num_processes, run.tokenizer.pad_token_id
+    out = {}
+    for group, stream in streams.items():
+        micro = micro_batches(stream.examples(shard(stream.batch(step), rank, world)), t.micro_batch_size, pad)
+        count = int(_reduce_sum(acc, torch.tensor([sum(count_targets(b["labels"]) for b in micro)], dtype=torch.float64)).item())
+        forward_backward(run.model, micro, acc, scale=world / max(count, 1))
+        out[group] = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        run.optimizer.zero_grad(set_to_none=True)
+    return out
 
 
 def _step_record(run: Run, o: StepOutcome, tps: float, clock: _Clock) -> dict:
@@ -516,6 +555,8 @@ def _step_record(run: Run, o: StepOutcome, tps: float, clock: _Clock) -> dict:
     if terms:
         record["terms"] = terms
         record["total_loss"] = state.last_loss + sum(terms.values())
+    if o.gradient:
+        record["gradient"] = o.gradient
     return record
 
 

@@ -61,3 +61,4 @@ def test_the_chunked_head_gives_the_same_term_as_full_logits():
         a = method.batch_terms(model, {"labels": labels}, chunked)[method.name]
         b = method.batch_terms(model, {"labels": labels}, full)[method.name]
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
