@@ -135,10 +135,10 @@ class AGEM(Method):
 
     def reference_data(self, ctx: Context) -> Reference:
         state = ctx.restored(self.name)
-        if state is not None:  # resuming: the memory the run chose, even if the data files changed since
+        if state is not None:  # resuming: the memory and the counts the run had
             self.load_state_dict(state)
         else:
-            self.memory.choose_memory(ctx)
+            self.memory.take_memory(ctx)
         if self.cfg.mode == "agem":
             return Reference({"memory": [c.example for c in self.memory.memory]}, self.cfg.batch)
         tasks: dict[str, list] = {}

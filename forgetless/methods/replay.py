@@ -167,12 +167,16 @@ class Replay(Method):
         self.seen = 0
 
     def extra_sources(self, ctx: Context) -> list:
+        self.take_memory(ctx)
+        return [Source("replay", [c.example for c in self.memory], self.cfg.ratio)]
+
+    def take_memory(self, ctx: Context) -> None:
+        """The memory: on resume the one the run chose (even if the data files changed since), else chosen now."""
         state = ctx.restored(self.name)
-        if state is not None:  # resuming: the memory the run chose, even if the data files changed since
+        if state is not None:
             self.load_state_dict(state)
         else:
             self.choose_memory(ctx)
-        return [Source("replay", [c.example for c in self.memory], self.cfg.ratio)]
 
     def choose_memory(self, ctx: Context) -> None:
         cfg = self.cfg

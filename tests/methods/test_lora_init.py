@@ -19,6 +19,7 @@ from forgetless.methods import REGISTRY, Context
 from forgetless.models import load_model, load_tokenizer
 from forgetless.models.adapters import adapters_disabled
 from forgetless.models.saving import INITIAL_ADAPTER
+from tests.methods.test_contract import killed
 from tests.conftest import FAST_MODEL
 from tests.resume.conftest import assert_same_run
 
@@ -234,20 +235,6 @@ def test_kl_teacher_is_the_real_base_not_the_residual():
     assert kl.teacher is None
 
 
-def _killed(cfg) -> int:
-    pid = os.fork()
-    if pid == 0:  # the child never returns into pytest
-        code = 3
-        try:
-            os.environ["FORGETLESS_FAULT"] = "step:2"
-            forgetless.train(cfg)
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
-
-
 @pytest.mark.parametrize("init", ["methods.lora.init_niter=2", "methods.lora.init=corda"])
 def test_killed_and_resumed_run_recomputes_the_same_init(tmp_path, init):
     def cfg(out, *extra):
@@ -260,7 +247,7 @@ def test_killed_and_resumed_run_recomputes_the_same_init(tmp_path, init):
     reference = tmp_path / "reference"
     forgetless.train(cfg(reference))
     out = tmp_path / "run"
-    assert _killed(cfg(out)) == 137
+    assert killed(cfg(out), "step:2") == 137
     forgetless.train(cfg(out, "output.resume=true"))
     assert_same_run(reference, out)
 
