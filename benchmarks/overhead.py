@@ -38,6 +38,15 @@ CONFIGS: dict[str, tuple[list[str], str]] = {
     "bottleneck": (["methods.bottleneck=true"], "lora"),
     "moe_lora (4 experts)": (["methods.moe_lora.num_experts=4", "methods.moe_lora.top_k=2", "methods.moe_lora.r=8"], "lora"),
     "olora": (["methods.olora=true"], "lora"),
+    # the methods of 2024-2026 (issue 12)
+    "dft": (["methods.dft=true"], "full fine-tuning"),
+    "eaft (top 20)": (["methods.eaft=true"], "full fine-tuning"),
+    "flow": (["methods.flow=true"], "full fine-tuning"),
+    "mofo 10%": (["methods.mofo.fraction=0.1"], "full fine-tuning"),
+    "a-gem": (["methods.agem.memory=[{old}]", "methods.agem.size_examples=64"], "full fine-tuning"),
+    "gem (1 group)": (["methods.agem.memory=[{old}]", "methods.agem.size_examples=64", "methods.agem.mode=gem"], "full fine-tuning"),
+    "osf (30% protected)": (["methods.osf=true"], "full fine-tuning"),
+    "lora (pissa init)": (["methods.lora.r=8", "methods.lora.init=pissa", "methods.lora.init_niter=4"], "lora"),
 }
 
 TARGETS = {  # from the issue: (config, reference, max ratio)

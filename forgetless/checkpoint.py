@@ -513,6 +513,7 @@ class TrainerState:
     nonfinite_in_a_row: int = 0
     skipped_steps: int = 0
     before: dict = field(default_factory=dict)  # the scores before training
+    before_verdicts: dict = field(default_factory=dict)  # per set, [index, right, answer] before training (the flips)
     metrics_bytes: Optional[int] = None  # the length of metrics.jsonl when the checkpoint was written
 
     def to_json(self) -> dict:

@@ -71,7 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(config, overrides)
     result = train(cfg)
     if _is_main():
-        print_summary(summary_rows(result.before, result.after, result.roles), result.train, title=f"run {result.run_dir}")
+        print_summary(summary_rows(result.before, result.after, result.roles), result.train, title=f"run {result.run_dir}",
+                      flips=result.flips)
         print(f"run directory: {result.run_dir}")
     return 0
 
@@ -187,12 +188,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
         alphas = tuple(float(a) for a in args.alphas.split(","))
     except ValueError:
         raise UserError(f"--alphas {args.alphas!r}: expected numbers separated by commas, e.g. 0,0.25,0.5,0.75,1") from None
-    weights = None
-    if args.weights is not None:
-        try:
-            weights = [float(w) for w in args.weights.split(",")]
-        except ValueError:
-            raise UserError(f"--weights {args.weights!r}: expected one number per run, separated by commas, e.g. 1,0.5") from None
+    weights = _numbers(args.weights, "--weights", "one number per run, separated by commas, e.g. 1,0.5")
     result = run_interpolation(
         args.run if len(args.run) > 1 else args.run[0], base=args.base, new=_named_paths(args.new, "--new"),
         keep=_named_paths(args.keep, "--keep"), alphas=alphas, min_keep=args.min_keep, output=args.output,
@@ -231,9 +227,55 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from forgetless.models.merge import merge_model
+    if len(args.model) == 1 and args.method is None:
+        stray = [flag for flag, value in (("--scale", args.scale), ("--density", args.density), ("--weights", args.weights),
+                                          ("--seed", args.seed), ("--base", args.base), ("--dtype", args.dtype))
+                 if value is not None] + (["--overwrite"] if args.overwrite else [])
+        if stray:
+            raise UserError(f"{stray[0]} goes with --method (a merge of task vectors); one run without --method folds its adapter")
+        from forgetless.models.merge import merge_model
 
-    print(merge_model(args.model, args.output))
+        print(merge_model(args.model[0], args.output))
+        return 0
+    from forgetless.interpolate import merge_runs
+
+    weights = _numbers(args.weights, "--weights", "one number per run, separated by commas, e.g. 1,0.5")
+    record = merge_runs(args.model, method=args.method, output=args.output, scale=1.0 if args.scale is None else args.scale,
+                        base=args.base, density=args.density, weights=weights, seed=args.seed, dtype=args.dtype or "float32",
+                        overwrite=args.overwrite)
+    how = record["method"] + (f", density {record['density']:g}" if record["density"] is not None else "")
+    print(f"merged the task vectors of {len(record['runs'])} run(s) ({how}; the merged vector moves {record['kept_entries']:,} "
+          f"weights): base + {record['scale']:g} * merged, written to {record['output']} (with merge.json)")
+    return 0
+
+
+def _numbers(text: Optional[str], flag: str, expected: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected {expected}") from None
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from forgetless.progress import console
+    from forgetless.recipes.diagnose import diagnose
+
+    report = diagnose(args.run_dir, k=args.k, steps=args.steps, lr=args.lr, sets=args.sets, seed=args.seed,
+                      max_examples=args.max_examples, progress=True)
+    table = Table(title=f"spurious or real forgetting: {args.run_dir} (k = {report['k']} examples, {report['steps']} steps)",
+                  title_justify="left", caption="scores on each keep set's examples not trained on; recovered = (after - final) / (start - final)",
+                  caption_justify="left")
+    for col in ("set", "metric", "start", "final", f"after {report['steps']} steps", "recovered", "verdict"):
+        table.add_column(col)
+    for name, r in report["sets"].items():
+        share = "-" if r["recovered_share"] is None else f"{r['recovered_share']:.0%}"
+        table.add_row(name, r["metric"], f"{r['start']:.3f}", f"{r['final']:.3f}", f"{r['recovered']:.3f}", share, r["verdict"])
+    console.print(table)
+    print(f"written to {Path(args.run_dir) / 'diagnose.json'}")
     return 0
 
 
@@ -407,14 +449,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "merge",
-        help="turn an adapter run into a standalone model (LoRA folded into the weights)",
+        help="turn an adapter run into a standalone model (LoRA folded into the weights), or merge several runs' task "
+        "vectors (TIES, DARE, task arithmetic)",
         description="Write a standalone model from an adapter run: LoRA (lora, rslora, dora) and O-LoRA are folded into "
         "the base weights, a plain model; non-linear adapters (bottleneck, moe_lora, expansion's experts) become a model "
-        "with its adapter code, which transformers loads with trust_remote_code=True (no forgetless needed).",
+        "with its adapter code, which transformers loads with trust_remote_code=True (no forgetless needed). "
+        "With --method, the task vectors (fine-tuned - base) of one or several runs over one base are merged and "
+        "base + scale * merged is written, with merge.json; nothing is scored (`forgetless interpolate --merge` "
+        "scores a sweep of scales on the runs' eval and keep sets and picks one).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  forgetless merge runs/lora -o merged/                       # fold the LoRA into the weights\n"
+        "  forgetless merge runs/a runs/b --method ties --density 0.2 -o merged/\n"
+        "  forgetless merge runs/a runs/b --method task_arithmetic --weights 1,0.5 --scale 0.8 -o merged/\n",
     )
-    p.add_argument("model", metavar="RUN_OR_ADAPTER", help="a run directory or an adapter directory")
+    p.add_argument("model", metavar="RUN_OR_ADAPTER", nargs="+",
+                   help="a run directory or an adapter directory; with --method, one or several runs over one base")
     p.add_argument("--output", "-o", required=True, help="directory to write the merged model to")
+    p.add_argument("--method", metavar="METHOD", help="merge task vectors: ties, dare_ties, dare_linear, task_arithmetic or magnitude")
+    p.add_argument("--scale", type=float, default=None, help="with --method: lambda in base + lambda * merged, in [0, 2] (default 1)")
+    p.add_argument("--density", type=float, default=None,
+                   help="with --method ties/dare_*/magnitude: the share of each task vector's entries kept (default 0.2)")
+    p.add_argument("--weights", metavar="W1,W2,...", help="with --method: one weight per run's task vector (default 1 each)")
+    p.add_argument("--seed", type=int, default=None, help="with --method dare_*: the seed of the random drop (default 0)")
+    p.add_argument("--base", help="with --method and model folders that are not runs: the base model")
+    p.add_argument("--overwrite", action="store_true", help="with --method: replace a non-empty --output")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"), default=None,
+                   help="with --method: dtype the weights are loaded and written in (default float32); a fold keeps the checkpoint's")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser(
+        "diagnose",
+        help="was a run's forgetting spurious? the share of each keep set's loss that k old examples and a few steps recover",
+        description=textwrap.fill(
+            "For every keep set of a finished run: train the run's final model for --steps steps on --k of the set's "
+            "examples (seeded), and score the set's other examples with the starting model, the final model and "
+            "after those steps. The recovered share, (after recovery - final) / (start - final), tells forgetting that "
+            "a few examples undo (lost alignment: spurious, arXiv 2501.13453) from knowledge that is gone. Writes "
+            "RUN_DIR/diagnose.json; the few-step runs go under RUN_DIR/diagnose/.", 100),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  forgetless diagnose runs/full_finetune --k 10 --steps 10",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the directory of a finished forgetless train run (with its model/)")
+    p.add_argument("--k", type=int, default=10, help="examples of each keep set to train on (default 10)")
+    p.add_argument("--steps", type=int, default=10, help="optimiser steps on them (default 10)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of those steps (default: the run's train.lr)")
+    p.add_argument("--set", action="append", dest="sets", metavar="NAME", help="only this keep set (repeatable; default all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the k examples' choice and of the steps (default 0)")
+    p.add_argument("--max-examples", type=int, default=None, help="score at most this many of the other examples (default: the run's eval.max_examples)")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser(
         "push",

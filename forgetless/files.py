@@ -49,6 +49,8 @@ SEQUENCE_CONFIG = "sequence.yaml"
 # forgetless interpolate
 INTERPOLATED_DIR = "interpolated"
 INTERPOLATION_FILE = "interpolation.json"
+FLIPS_FILE = "flips.json"  # the answers that flipped between before and after training
+MERGE_FILE = "merge.json"  # forgetless merge of task vectors: what was merged, how
 INTERPOLATION_CSV = "interpolation.csv"
 
 # A file being written is named TMP_PREFIX + its name until it is complete.

@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from forgetless.errors import UserError
-from forgetless.files import CONFIG_FILE, INTERPOLATED_DIR, INTERPOLATION_CSV, INTERPOLATION_FILE, MODEL_DIR
+from forgetless.files import CONFIG_FILE, INTERPOLATED_DIR, INTERPOLATION_CSV, INTERPOLATION_FILE, MERGE_FILE, MODEL_DIR
 from forgetless.merging import (
     DEFAULT_DENSITY,
     MERGE_METHODS,
@@ -202,6 +202,123 @@ class Interpolator:
         return self.model
 
 
+
+# ------------------------------------------------------------------------------------------------
+# what interpolate and merge share: the runs over one base, the output, the merge of task vectors
+# ------------------------------------------------------------------------------------------------
+
+
+def _open_runs(given_runs: Sequence, base: Optional[str], dtype: str) -> tuple[list, object, int]:
+    """The runs (run dir, is a run, model dir, run config) and their one base model (config, seed)."""
+    import dataclasses
+
+    from forgetless.config import ModelConfig, load_config
+    from forgetless.models.loading import resolve_model_dir
+
+    given_runs = [str(r) for r in given_runs]
+    if len(set(given_runs)) < len(given_runs):
+        raise UserError("a run is given twice; give each run to merge once")
+    runs = []
+    for r in given_runs:
+        run_dir = Path(r)
+        is_run = (run_dir / CONFIG_FILE).is_file() and (run_dir / MODEL_DIR).is_dir()
+        ft_dir = resolve_model_dir(r)
+        if not Path(ft_dir).is_dir():
+            raise UserError(f"{r}: not a run or model directory; give a run directory or a fine-tuned model folder")
+        runs.append((run_dir, is_run, ft_dir, load_config(run_dir / CONFIG_FILE) if is_run else None))
+
+    def base_of(cfg):  # 'tiny' rebuilds the same random init from the seed
+        return dataclasses.replace(cfg.model, dtype=dtype, device_map=None), cfg.train.seed
+
+    if base is not None:
+        return runs, ModelConfig(name_or_path=base, dtype=dtype), 0
+    if not all(is_r for _, is_r, _, _ in runs):
+        plain = next(r for r, is_r, _, _ in runs if not is_r)
+        raise UserError(f"{plain}: not a run directory, so give the base model with --base")
+    base_cfg, base_seed = base_of(runs[0][3])
+    for r, _, _, cfg in runs[1:]:
+        other, other_seed = base_of(cfg)
+        if other != base_cfg or (base_cfg.name_or_path == "tiny" and other_seed != base_seed):
+            raise UserError(f"{r}: its base model ({other.name_or_path}) is not {runs[0][0]}'s ({base_cfg.name_or_path}); "
+                            f"task vectors are merged over one base")
+    return runs, base_cfg, base_seed
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"{out}: already exists; pass --overwrite to replace it, or choose --output")
+
+
+def _merge_options(merge: Optional[str], density: Optional[float], weights: Optional[Sequence[float]], seed: Optional[int]) -> dict:
+    if merge is None:
+        return {}
+    return {"weights": list(weights) if weights is not None else None, "density": density,
+            "seed": (seed or 0) if merge in RANDOM_METHODS else 0}
+
+
+def _interpolator(runs: list, base_cfg, base_seed: int, tokenizer, dtype: str, device, merge: Optional[str],
+                  merge_options: dict) -> "Interpolator":
+    from forgetless.config import ModelConfig
+    from forgetless.models import load_model, load_tokenizer
+
+    ft_model = load_model(ModelConfig(name_or_path=runs[0][2], dtype=dtype), tokenizer).to(device)
+    others = (load_model(ModelConfig(name_or_path=d, dtype=dtype), tokenizer).to(device) for _, _, d, _ in runs[1:])  # one at a time
+    try:  # the base model is freed
+        return Interpolator(load_model(base_cfg, load_tokenizer(base_cfg), seed=base_seed), ft_model, others, merge, **merge_options)
+    except ValueError as e:  # the merge's own checks
+        raise UserError(f"--merge {merge}: {e}") from None
+
+
+def _merge_record(merge: str, runs: list, merge_options: dict, interp: "Interpolator") -> dict:
+    return {"method": merge, "runs": [d for _, _, d, _ in runs],
+            "density": (merge_options["density"] if merge_options["density"] is not None else DEFAULT_DENSITY)
+            if merge in SPARSE_METHODS else None,
+            "weights": merge_options["weights"] or [1.0] * len(runs),
+            "seed": merge_options["seed"] if merge in RANDOM_METHODS else None, **interp.merged}
+
+
+def merge_runs(
+    runs: Sequence[str],
+    *,
+    method: str,
+    output: str,
+    scale: float = 1.0,
+    base: Optional[str] = None,
+    density: Optional[float] = None,
+    weights: Optional[Sequence[float]] = None,
+    seed: Optional[int] = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> dict:
+    """Merge the task vectors of ``runs`` (one base) by ``method`` and write ``base + scale * merged``.
+
+    No data is scored: this is the fixed-strength merge for a user who knows the scale (1.0 is the
+    papers' default for TIES and DARE). ``forgetless interpolate --merge`` scores a sweep of scales
+    instead and picks one. Writes the model, its tokenizer and ``merge.json`` (what was merged, how).
+    """
+    if method is None:
+        raise UserError(f"give --method: {', '.join(MERGE_METHODS)}")
+    check_merge_flags(len(runs), (scale,), method, density, weights, seed, None, merge_flag="--method", alphas_flag="--scale")
+    opened, base_cfg, base_seed = _open_runs(runs, base, dtype)
+    out = Path(output)
+    _check_output(out, overwrite)
+    from forgetless.config import ModelConfig
+    from forgetless.models import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=opened[0][2]))
+    options = _merge_options(method, density, weights, seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    interp = _interpolator(opened, base_cfg, base_seed, tokenizer, dtype, device, method, options)
+    model = interp.at(scale)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    record = {"base": base_cfg.name_or_path, **_merge_record(method, opened, options, interp), "scale": scale,
+              "formula": "base + scale * merged task vector", "output": str(out)}
+    (out / MERGE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return record
+
+
 def _check_same_shapes(base: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor]) -> None:
     if base.keys() != finetuned.keys():
         missing = sorted(set(base) ^ set(finetuned))[:3]
@@ -225,27 +342,32 @@ def sweep(interp: Interpolator, tokenizer, sets: dict, alphas: list[float], *, b
 
 
 def check_merge_flags(count: int, alphas: Sequence[float], merge: Optional[str], density: Optional[float],
-                      weights: Optional[Sequence[float]], seed: Optional[int], per_layer: Optional[int]) -> None:
-    """One-line UserErrors for options that do not go together (before anything is loaded)."""
+                      weights: Optional[Sequence[float]], seed: Optional[int], per_layer: Optional[int],
+                      merge_flag: str = "--merge", alphas_flag: str = "--alphas") -> None:
+    """One-line UserErrors for options that do not go together (before anything is loaded).
+
+    ``merge_flag`` / ``alphas_flag``: the flags' names in the command that calls (``forgetless
+    merge`` names them ``--method`` and ``--scale``)."""
     top = MAX_MERGED_SCALE if merge is not None else 1.0
     if not alphas or any(not 0.0 <= a <= top for a in alphas):
         if merge is None:
-            raise UserError(f"--alphas {list(alphas)}: give values between 0 and 1, e.g. 0,0.25,0.5,0.75,1")
-        raise UserError(f"--alphas {list(alphas)}: give lambdas between 0 and {top:g} (above 1 extrapolates the merged vector), e.g. 0,0.5,1")
+            raise UserError(f"{alphas_flag} {list(alphas)}: give values between 0 and 1, e.g. 0,0.25,0.5,0.75,1")
+        shown = ",".join(f"{a:g}" for a in alphas)
+        raise UserError(f"{alphas_flag} {shown}: give lambdas between 0 and {top:g} (above 1 extrapolates the merged vector), e.g. 0,0.5,1")
     if merge is not None and merge not in MERGE_METHODS:
-        raise UserError(f"--merge {merge}: use one of {', '.join(MERGE_METHODS)}")
+        raise UserError(f"{merge_flag} {merge}: use one of {', '.join(MERGE_METHODS)}")
     if count > 1 and merge is None:
-        raise UserError(f"{count} runs: their task vectors are merged; give --merge {'|'.join(MERGE_METHODS)}")
+        raise UserError(f"{count} runs: their task vectors are merged; give {merge_flag} {'|'.join(MERGE_METHODS)}")
     if density is not None and merge not in SPARSE_METHODS:
-        raise UserError(f"--density goes with --merge {', '.join(SPARSE_METHODS)} (the share of each task vector they keep)")
+        raise UserError(f"--density goes with {merge_flag} {', '.join(SPARSE_METHODS)} (the share of each task vector they keep)")
     if density is not None and not 0.0 < density <= 1.0:
         raise UserError(f"--density {density:g}: give the share of entries to keep, in (0, 1], e.g. 0.2")
     if weights is not None and merge is None:
-        raise UserError("--weights goes with --merge: one weight per run's task vector")
+        raise UserError(f"--weights goes with {merge_flag}: one weight per run's task vector")
     if weights is not None and len(weights) != count:
         raise UserError(f"--weights: {len(weights)} weights for {count} runs; give one per run, in the runs' order")
     if seed is not None and merge not in RANDOM_METHODS:
-        raise UserError(f"--seed goes with --merge {' or '.join(RANDOM_METHODS)} (the seed of DARE's random drop)")
+        raise UserError(f"--seed goes with {merge_flag} {' or '.join(RANDOM_METHODS)} (the seed of DARE's random drop)")
     if per_layer is not None and per_layer < 1:
         raise UserError(f"--per-layer {per_layer}: give the number of block groups, at least 1 (e.g. 2, or the model's layer count)")
 
@@ -282,48 +404,18 @@ def run_interpolation(
     are merged (module docstring); ``per_layer``: that many block groups get alphas of their own.
     Both models are loaded in ``dtype`` (as ``model.dtype``) on the accelerator when there is one.
     """
-    import dataclasses
-
-    from forgetless.config import ModelConfig, load_config
+    from forgetless.config import ModelConfig
     from forgetless.eval.run import load_eval_sets, score_sets
     from forgetless.models import load_model, load_tokenizer
-    from forgetless.models.loading import resolve_model_dir
 
     given_runs = [run_or_model] if isinstance(run_or_model, (str, Path)) else list(run_or_model)
-    given_runs = [str(r) for r in given_runs]
     check_merge_flags(len(given_runs), alphas, merge, density, weights, seed, per_layer)
-    if len(set(given_runs)) < len(given_runs):
-        raise UserError("a run is given twice; give each run to merge once")
-    runs = []  # (run dir, is a run, model dir, run config)
-    for r in given_runs:
-        run_dir = Path(r)
-        is_run = (run_dir / CONFIG_FILE).is_file() and (run_dir / MODEL_DIR).is_dir()
-        ft_dir = resolve_model_dir(r)
-        if not Path(ft_dir).is_dir():
-            raise UserError(f"{r}: not a run or model directory; give a run directory or a fine-tuned model folder")
-        runs.append((run_dir, is_run, ft_dir, load_config(run_dir / CONFIG_FILE) if is_run else None))
+    runs, base_cfg, base_seed = _open_runs(given_runs, base, dtype)
     run_dir, is_run, ft_dir, run_cfg = runs[0]
     if output is None and len(runs) > 1:
         raise UserError(f"{len(runs)} runs are merged: choose where the merged model goes with --output")
     out = Path(output) if output else (run_dir / INTERPOLATED_DIR if is_run else Path(ft_dir).parent / INTERPOLATED_DIR)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: already exists; pass --overwrite to replace it, or choose --output")
-
-    def base_of(cfg):  # 'tiny' rebuilds the same random init from the seed
-        return dataclasses.replace(cfg.model, dtype=dtype, device_map=None), cfg.train.seed
-
-    if base is not None:
-        base_cfg, base_seed = ModelConfig(name_or_path=base, dtype=dtype), 0
-    elif all(is_r for _, is_r, _, _ in runs):
-        base_cfg, base_seed = base_of(run_cfg)
-        for r, _, _, cfg in runs[1:]:
-            other, other_seed = base_of(cfg)
-            if other != base_cfg or (base_cfg.name_or_path == "tiny" and other_seed != base_seed):
-                raise UserError(f"{r}: its base model ({other.name_or_path}) is not {runs[0][0]}'s ({base_cfg.name_or_path}); "
-                                f"task vectors are merged over one base")
-    else:
-        plain = next(r for r, is_r, _, _ in runs if not is_r)
-        raise UserError(f"{plain}: not a run directory, so give the base model with --base")
+    _check_output(out, overwrite)
     new, keep = dict(new or {}), dict(keep or {})
     if not new and not keep:
         for _, _, _, cfg in runs:
@@ -345,16 +437,8 @@ def run_interpolation(
     sets = load_eval_sets(tokenizer, {**new, **keep}, max_examples=max_examples, max_length=max_length)
     roles = {**{n: "new" for n in new}, **{n: "keep" for n in keep}}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ft_model = load_model(ModelConfig(name_or_path=ft_dir, dtype=dtype), tokenizer).to(device)
-    others = (load_model(ModelConfig(name_or_path=d, dtype=dtype), tokenizer).to(device) for _, _, d, _ in runs[1:])  # one at a time
-    merge_options = {}
-    if merge is not None:
-        merge_options = {"weights": list(weights) if weights is not None else None, "density": density,
-                         "seed": (seed or 0) if merge in RANDOM_METHODS else 0}
-    try:  # the base model is freed
-        interp = Interpolator(load_model(base_cfg, load_tokenizer(base_cfg), seed=base_seed), ft_model, others, merge, **merge_options)
-    except ValueError as e:  # the merge's own checks
-        raise UserError(f"--merge {merge}: {e}") from None
+    merge_options = _merge_options(merge, density, weights, seed)
+    interp = _interpolator(runs, base_cfg, base_seed, tokenizer, dtype, device, merge, merge_options)
     groups = None
     if per_layer is not None:
         try:
@@ -405,10 +489,7 @@ def run_interpolation(
         "output": str(out),
     }
     if merge is not None:
-        result["merge"] = {"method": merge, "runs": [d for _, _, d, _ in runs], "formula": "base + lambda * merged task vector",
-                           "density": (density if density is not None else DEFAULT_DENSITY) if merge in SPARSE_METHODS else None,
-                           "weights": merge_options["weights"] or [1.0] * len(runs),
-                           "seed": merge_options["seed"] if merge in RANDOM_METHODS else None, **interp.merged}
+        result["merge"] = {**_merge_record(merge, runs, merge_options, interp), "formula": "base + lambda * merged task vector"}
     if per_layer_result is not None:
         result["per_layer"] = per_layer_result
     (out / INTERPOLATION_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")

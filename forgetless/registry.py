@@ -39,7 +39,9 @@ STARTS_AT_BASE = "starts_at_base"  # at step 0 the wrapped model gives the outpu
 #                                    starts from, and the method's loss terms are zero
 KEEPS_BASE = "keeps_base"  # in a task sequence, every task starts from the base model, with the
 #                            method's earlier state (experts, LoRAs) loaded onto it by the method
-CAPABILITIES = (ADAPTER, FREEZES_BASE, SELECTS_WEIGHTS, DATA_STREAM, STARTS_AT_BASE, KEEPS_BASE)
+STRENGTH = "strength"  # its loss terms are a protection whose weight a forgetting budget may scale
+#                        (the recipe multiplies them by the method's ``strength``, forgetless/recipes/budget.py)
+CAPABILITIES = (ADAPTER, FREEZES_BASE, SELECTS_WEIGHTS, DATA_STREAM, STARTS_AT_BASE, KEEPS_BASE, STRENGTH)
 
 TASK_STREAM = "task"  # the training data's own stream in every batch
 
@@ -173,6 +175,11 @@ def check_combination(names) -> None:
                 why = _conflict(REGISTRY[a], REGISTRY[b])
                 if why:
                     raise ConfigError(f"methods: {a} and {b} cannot be combined: {why}")
+
+
+def strength_methods(names) -> list[str]:
+    """The methods among ``names`` whose strength a forgetting budget may scale."""
+    return [n for n in sorted(names) if REGISTRY[n].has(STRENGTH)]
 
 
 def stream_names() -> set[str]:

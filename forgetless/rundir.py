@@ -17,7 +17,7 @@ import shutil
 import subprocess
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from rich.table import Table
 
@@ -130,7 +130,7 @@ def _fmt(metric: dict, lower_is_better: bool) -> str:
     return f"{b:.3f} -> {a:.3f} [{colour}]({c:+.3f})[/{colour}]"
 
 
-def print_summary(rows: list[dict], train_info: dict, title: str = "forgetless run") -> None:
+def print_summary(rows: list[dict], train_info: dict, title: str = "forgetless run", flips: Optional[dict] = None) -> None:
     table = Table(title=title, title_justify="left")
     table.add_column("set")
     table.add_column("role")
@@ -145,9 +145,19 @@ def print_summary(rows: list[dict], train_info: dict, title: str = "forgetless r
         f"{t['steps']} steps, {t['tokens']:,} tokens in {t['train_time_s']:.1f}s ({t['tokens_per_s']:,.0f} tok/s), "
         f"final loss {t['final_loss']:.4f}, trainable parameters {t['trainable_params']:,} of {t['total_params']:,} ({share:.1f}%)"
     )
+    if line := flips_line(flips or {}):
+        console.print(line + " (flips.json)", highlight=False)
 
 
-def summary_markdown(rows: list[dict], train_info: dict) -> str:
+def flips_line(flips: dict[str, dict]) -> Optional[str]:
+    """'flipped answers ...: capitals 12 lost / 3 gained of 77, ...' from each set's flip counts."""
+    if not flips:
+        return None
+    parts = [f"{name} {f['lost']} lost / {f['gained']} gained of {f['judged']}" for name, f in flips.items()]
+    return "flipped answers (right before -> wrong after / the reverse): " + ", ".join(parts)
+
+
+def summary_markdown(rows: list[dict], train_info: dict, flips: Optional[dict] = None) -> str:
     head = "| set | role | " + " | ".join(f"{label} before | {label} after | change" for _, label, _ in METRICS) + " |"
     lines = ["# Run summary", "", head, "|" + " --- |" * (2 + 3 * len(METRICS))]
     num = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
@@ -156,15 +166,23 @@ def summary_markdown(rows: list[dict], train_info: dict) -> str:
         for k, _, _ in METRICS:
             cells += [num(r[k]["before"]), num(r[k]["after"]), "" if r[k]["change"] is None else f"{r[k]['change']:+.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    if flips:
+        lines += ["", "Flipped answers (flips.json lists them):", "", "| set | judged | right before | right after | lost | gained |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {n} | {f['judged']} | {f['right_before']} | {f['right_after']} | {f['lost']} | {f['gained']} |" for n, f in flips.items()]
     lines += ["", "Training: " + ", ".join(f"{k} = {v}" for k, v in train_info.items()), ""]
     return "\n".join(lines)
 
 
-def write_summary(run_dir: Path, before: dict, after: dict, roles: dict, train_info: dict, data_info: dict) -> list[dict]:
+def write_summary(run_dir: Path, before: dict, after: dict, roles: dict, train_info: dict, data_info: dict,
+                  flips: Optional[dict] = None) -> list[dict]:
+    """summary.md and summary.json; ``flips``: per set, the counts of forgetless.eval.flips.counts."""
     rows = summary_rows(before, after, roles)
     payload = redact_secrets({"sets": rows, "before": before, "after": after, "train": train_info, "data": data_info})
+    if flips:
+        payload["flips"] = flips
     payload["versions"] = environment_versions()
-    (run_dir / SUMMARY_MD).write_text(summary_markdown(rows, train_info), encoding="utf-8")
+    (run_dir / SUMMARY_MD).write_text(summary_markdown(rows, train_info, flips), encoding="utf-8")
     # summary.json marks a finished run (resume and task sequences rely on it): written last, atomically
     write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(payload, indent=2))
     return rows

@@ -106,3 +106,53 @@ def test_errors_that_need_the_runs(runs, tmp_path, capsys):
     assert "--output" in capsys.readouterr().err
     assert main(["interpolate", str(runs[0]), "--per-layer", "3", "-o", str(tmp_path / "x"), *QUICK]) == 2
     assert "2 blocks" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# forgetless merge --method: the same merge at a fixed scale, nothing scored
+# ------------------------------------------------------------------------------------------------
+
+
+def test_merge_writes_base_plus_scale_times_the_merged_vector(runs, tmp_path, capsys):
+    out = tmp_path / "m"
+    args = ["merge", *map(str, runs), "--method", "task_arithmetic", "--weights", "1,0.5", "--scale", "0.8", "-o", str(out)]
+    assert main(args) == 0
+    assert "base + 0.8 * merged" in capsys.readouterr().out
+    record = json.loads((out / "merge.json").read_text())
+    assert record["method"] == "task_arithmetic" and record["weights"] == [1.0, 0.5] and record["scale"] == 0.8
+    assert record["runs"] == [str(r / "model") for r in runs] and record["density"] is None
+    base, tuned = states(runs)
+    merged = merge_task_vectors([task_vector(base, s) for s in tuned], "task_arithmetic", weights=[1.0, 0.5])
+    got = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for k, v in got.items():
+        want = base[k] + 0.8 * merged[k] if k in merged else base[k]
+        torch.testing.assert_close(v, want, rtol=0, atol=1e-6)
+    assert (out / "tokenizer_config.json").is_file()
+    # the same merge through interpolate's sweep at lambda 0.8 gives the same weights
+    assert main(["interpolate", *map(str, runs), "--merge", "task_arithmetic", "--weights", "1,0.5", "--alphas", "0.8",
+                 "--no-generation", "--max-examples", "4", "-o", str(tmp_path / "i")]) == 0
+    swept = AutoModelForCausalLM.from_pretrained(tmp_path / "i").state_dict()
+    assert all(torch.equal(swept[k], got[k]) for k in got)
+    # an existing output is not touched without --overwrite
+    before = (out / "merge.json").read_text()
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err and (out / "merge.json").read_text() == before
+    assert main([*args, "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["A", "B"], "give --method"),
+    (["A", "--scale", "0.5"], "--scale goes with --method"),
+    (["A", "--density", "0.5"], "--density goes with --method"),
+    (["A", "--method", "ties", "--scale", "3"], "--scale 3: give lambdas between 0 and 2"),
+    (["A", "--method", "average"], "--method average: use one of"),
+    (["A", "--method", "task_arithmetic", "--density", "0.5"], "--density goes with --method"),
+    (["A", "B", "--method", "ties", "--weights", "1"], "one per run"),
+    (["A", "--method", "ties", "--seed", "1"], "--seed goes with --method"),
+])
+def test_merge_flags_are_checked_with_one_line_errors(args, message, tmp_path, capsys):
+    args = [str(tmp_path) if a == "A" else str(tmp_path / "other") if a == "B" else a for a in args]
+    assert main(["merge", *args, "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

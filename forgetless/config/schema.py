@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from forgetless.errors import ConfigError
-from forgetless.registry import check_combination
+from forgetless.registry import REGISTRY, STRENGTH, check_combination
 
 PATH_NOTE = "(path: relative to the YAML file)"
 
@@ -198,8 +198,20 @@ class DatasetSpec:
         "null = multiple_choice for multiple-choice data, else exact_match when eval.generation is on and the "
         "records have prompts, else token_accuracy.",
     )
+    max_drop: Optional[float] = option(
+        None,
+        "A keep set's forgetting budget: the most its score may fall over the run, in the score's own units for "
+        "higher-is-better metrics (0.02 = 2 points of exact match) and as a share of the before value for loss / "
+        "perplexity (0.05 = 5% higher). Checked online on a sample (budget.keep_sample) and at the end on the "
+        "whole set; the budget section says what is done about it. Only data.keep sets take it.",
+    )
 
     def validate(self, where: str) -> None:
+        if self.max_drop is not None:
+            if ".keep." not in f"{where}.":
+                raise ConfigError(f"{where}.max_drop: a forgetting budget belongs to a data.keep set; move it there or remove it")
+            if not self.max_drop >= 0:
+                raise ConfigError(f"{where}.max_drop must be >= 0 (the largest allowed fall of the set's score), got {self.max_drop}")
         if not self.path:
             raise ConfigError(f"{where}.path is empty: give a data file, a hub dataset id or demo:NAME")
         if self.limit is not None and self.limit <= 0:
@@ -440,6 +452,79 @@ class EvalConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """A forgetting budget and its online signal (forgetless/recipes/budget.py).
+
+    The budget itself is ``max_drop`` on data.keep sets and/or ``kl_max`` here. Every
+    ``every_steps`` the run measures the forward KL(start || model) on a fixed sample of the task
+    and scores a fixed sample of every keep set; both go to metrics.jsonl ("budget" records) and
+    the report. With a budget, a controller scales the strength of the run's protective methods
+    (the weight of kl, l2sp, ewc; the batch share of mix, replay, synthetic_replay) up while the
+    signal is over budget and down while it is inside, remembers the
+    weights of the last check inside the budget, and goes back to them at the end if the final
+    scores exceed it.
+    """
+
+    every_steps: Optional[int] = option(
+        None, "Measure the signal every N optimiser steps; null = 10 times per run when a budget is set (else never); 0 = never."
+    )
+    kl_max: Optional[float] = option(
+        None,
+        "A budget on the online KL(start || model) per target token, in nats, on the task sample: the model may "
+        "move this far from where it started on the new task's own inputs (forgetting tracks it; arXiv 2509.04259).",
+    )
+    kl_sample: int = option(16, "Task examples the online KL is measured on (a fixed, seeded sample).")
+    kl_top_k: int = option(
+        256,
+        "The starting model's top-k tokens per position kept for the KL (the rest pooled in one bucket): a lower "
+        "bound of the full KL, exact when the pooled mass is zero; memory sample x positions x k.",
+    )
+    keep_sample: Optional[int] = option(32, "Examples of each keep set scored at each check (a fixed, seeded sample; null = the whole set).")
+    control: bool = option(
+        True,
+        "Adjust the strength of the run's protective methods to stay inside the budget: the loss terms of kl, l2sp "
+        "and ewc and the batch shares of mix, replay and synthetic_replay are scaled by s (mixed-in data at most 90% "
+        "of a batch), and log s moves by step_size x the worst relative violation (clipped to +-1) at every check, "
+        "dual ascent in log space. Off: only measure, stop early and restore.",
+    )
+    step_size: float = option(0.7, "The controller's step in log strength per check at a violation of 1 (0.7: x2; over budget up to 2 steps, x4).")
+    relax: float = option(
+        0.25,
+        "Inside the budget the strength falls by relax x step_size x the unused share of the budget per check: slower "
+        "than it rises, because forgetting comes faster than a penalty undoes it (1 = symmetric dual ascent).",
+    )
+    min_scale: float = option(0.01, "The smallest strength multiplier the controller may set.")
+    max_scale: float = option(100.0, "The largest strength multiplier the controller may set.")
+    patience: int = option(
+        2, "Checks in a row over budget at max_scale (or with nothing to control) before the run stops early; 0 = never stop early."
+    )
+    restore: bool = option(
+        True,
+        "At the end, when a keep set's whole-set score exceeds its max_drop, go back to the weights of the last check "
+        "that was inside the budget (kept in memory, on the CPU) and score again; the summary says so.",
+    )
+
+    def validate(self, where: str) -> None:
+        if self.every_steps is not None and self.every_steps < 0:
+            raise ConfigError(f"{where}.every_steps must be >= 0 or null, got {self.every_steps}")
+        if self.kl_max is not None and not self.kl_max > 0:
+            raise ConfigError(f"{where}.kl_max must be positive (nats per token), got {self.kl_max}")
+        for key in ("kl_sample", "kl_top_k"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{where}.{key} must be at least 1, got {getattr(self, key)}")
+        if self.keep_sample is not None and self.keep_sample < 1:
+            raise ConfigError(f"{where}.keep_sample must be at least 1 or null (the whole set), got {self.keep_sample}")
+        if not self.step_size > 0:
+            raise ConfigError(f"{where}.step_size must be positive, got {self.step_size}")
+        if not 0 <= self.relax <= 1:
+            raise ConfigError(f"{where}.relax must be in [0, 1] (0: never lower the strength), got {self.relax}")
+        if not 0 < self.min_scale <= 1 <= self.max_scale:
+            raise ConfigError(f"{where}: give 0 < min_scale <= 1 <= max_scale (the strength multipliers), got {self.min_scale} and {self.max_scale}")
+        if self.patience < 0:
+            raise ConfigError(f"{where}.patience must be >= 0, got {self.patience}")
+
+
+@dataclass
 class OutputConfig:
     """Where the run directory goes and what is logged."""
 
@@ -555,6 +640,10 @@ class ContinualConfig:
     )
 
 
+def _strength_methods() -> list[str]:
+    return sorted(n for n, spec in REGISTRY.items() if spec.has(STRENGTH))
+
+
 class MethodConfigs(dict):
     """``methods:`` maps a method name to its config dataclass (see forgetless/methods)."""
 
@@ -574,6 +663,10 @@ class RunConfig:
     train: TrainConfig = option(factory=TrainConfig, help="Optimisation.")
     eval: EvalConfig = option(factory=EvalConfig, help="Evaluation.")
     output: OutputConfig = option(factory=OutputConfig, help="Run directory and logging.")
+    budget: BudgetConfig = option(
+        factory=BudgetConfig,
+        help="A forgetting budget (with data.keep.NAME.max_drop): the online signal, and the controller that keeps the run inside it.",
+    )
     methods: MethodConfigs = option(
         factory=MethodConfigs,
         help="Anti-forgetting methods to combine, by name, each with its options (see the methods "
@@ -593,6 +686,7 @@ class RunConfig:
         self.train.validate("train")
         self.eval.validate("eval")
         self.output.validate("output")
+        self.budget.validate("budget")
         if self.tasks:
             if self.data.train:
                 raise ConfigError("data.train and tasks are both set: a task sequence takes its training data from tasks[].train; remove data.train")
@@ -614,9 +708,25 @@ class RunConfig:
                 raise ConfigError("data.streaming: a stream has no known length, so train.epochs cannot be counted; set train.max_steps")
             if self.data.eval_holdout:
                 raise ConfigError("data.streaming: a stream cannot hold records out; give data.eval sets instead of data.eval_holdout")
+        self._check_budget()
         for name, mcfg in self.methods.items():
             if self.tasks and hasattr(mcfg, "validate_in_sequence"):
                 mcfg.validate_in_sequence(f"methods.{name}")  # parts a task sequence fills in (e.g. replay's memory)
             elif hasattr(mcfg, "validate"):
                 mcfg.validate(f"methods.{name}")
         check_combination(self.methods)
+
+    def _check_budget(self) -> None:
+        """One-line ConfigErrors for a forgetting budget the run could not keep (forgetless/recipes/budget.py)."""
+        b = self.budget
+        drops = [name for name, spec in self.data.keep.items() if spec.max_drop is not None]
+        if not drops and b.kl_max is None:
+            return
+        if b.every_steps == 0 and b.control:
+            raise ConfigError("budget.every_steps is 0 but a budget is set: the controller needs checks; give every_steps (or null) or set budget.control=false")
+        if drops and not self.eval.before:
+            raise ConfigError(f"data.keep.{drops[0]}.max_drop needs the scores before training: set eval.before=true")
+        strength = _strength_methods()
+        if b.control and not [n for n in self.methods if n in strength]:
+            raise ConfigError(f"budget: no method whose strength the controller can adjust; add one ({', '.join(strength)}), or set "
+                              f"budget.control=false to only measure, stop early and restore")

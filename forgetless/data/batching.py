@@ -52,6 +52,23 @@ class MixedBatches:
         self.global_batch = global_batch
         self.seed = seed
         self._perms: dict[tuple[int, int], list[int]] = {}
+        # the shares from a step on, when they change during the run (a forgetting budget's controller)
+        self.segments: list[tuple[int, list[float]]] = [(0, list(self.shares))]
+
+    def set_shares(self, from_step: int, weights: list[float]) -> None:
+        """Draw in the shares ``weights`` (normalised) from optimiser step ``from_step`` on; the
+        batches of earlier steps stay as they were, and every source's stream goes on where it was."""
+        total = sum(weights)
+        if len(weights) != len(self.sources) or total <= 0 or any(w < 0 for w in weights):
+            raise ValueError("one non-negative weight per source, not all zero")
+        if from_step < self.segments[-1][0]:
+            raise ValueError(f"shares change at step {from_step}, before the last change ({self.segments[-1][0]})")
+        shares = [w / total for w in weights]
+        if from_step == self.segments[-1][0]:
+            self.segments[-1] = (from_step, shares)
+        else:
+            self.segments.append((from_step, shares))
+        self.shares = shares
 
     @property
     def task_per_step(self) -> float:
@@ -65,11 +82,17 @@ class MixedBatches:
         """Passes over the task source so far (None for a stream, whose length is not known)."""
         if _is_stream(self.sources[0].examples):
             return None
+        if len(self.segments) > 1:  # the shares changed during the run: count what the task gave
+            return self._given(step)[0] / len(self.sources[0].examples)
         return step * self.task_per_step / len(self.sources[0].examples)
 
     def _given(self, step: int) -> list[int]:
         """Examples each source has given in steps ``0 .. step-1``."""
-        quotas = [step * self.global_batch * w for w in self.shares]
+        quotas = [0.0] * len(self.sources)
+        for k, (start, shares) in enumerate(self.segments):
+            end = self.segments[k + 1][0] if k + 1 < len(self.segments) else None
+            steps = max(0, (step if end is None else min(step, end)) - start)
+            quotas = [q + steps * self.global_batch * w for q, w in zip(quotas, shares)]
         counts = [math.floor(q) for q in quotas]
         short = step * self.global_batch - sum(counts)
         order = sorted(range(len(quotas)), key=lambda j: (-(quotas[j] - counts[j]), j))

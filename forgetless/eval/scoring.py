@@ -158,6 +158,7 @@ def score_examples(
     on_batch: Optional[Callable[[int], None]] = None,
     metric: Optional[str] = None,
     name: str = "eval",
+    verdicts: Optional[list] = None,
 ) -> dict[str, float]:
     """Score ``examples``; ``score`` is the value of ``metric`` (default: the set's natural headline).
 
@@ -167,8 +168,13 @@ def score_examples(
     end-of-text token appended to text and prompt/completion records.
 
     This process takes every ``world_size``-th example; ``reduce`` sums tensors across processes
-    and ``gather`` concatenates lists (needed only for a scoring function). ``name`` names the set
-    in a scoring function's errors.
+    and ``gather`` concatenates lists (needed for a scoring function and for ``verdicts``). ``name``
+    names the set in a scoring function's errors.
+
+    ``verdicts``: a list to fill with ``(index in examples, right, answer)`` for every example the
+    headline judges one by one (generated answers under exact_match / contains, the picked choice
+    under multiple_choice[_norm]), in index order, the same on every process. Loss and token
+    accuracy judge no single example; such sets give none.
     """
     was_training = model.training
     model.eval()
@@ -191,10 +197,12 @@ def score_examples(
         totals[2] += correct.sum().item()
         if on_batch:
             on_batch(t["input_ids"].shape[0])
+    mine_verdicts: list[tuple[int, bool, str]] = []
     multiple_choice = [e for e in mine if e.choices is not None]
     if multiple_choice:
         scores = score_choices(model, multiple_choice, pad_id=tokenizer.pad_token_id, batch_size=batch_size, device=device, on_batch=on_batch)
-        for e, per_choice in zip(multiple_choice, scores):
+        mc_positions = [i for i, e in enumerate(mine) if e.choices is not None]
+        for i, e, per_choice in zip(mc_positions, multiple_choice, scores):
             right = per_choice[e.answer]  # loss and token accuracy are those of the correct choice
             totals[0] -= right.loglik
             totals[1] += right.tokens
@@ -203,6 +211,9 @@ def score_examples(
             totals[5] += best == e.answer
             totals[6] += best_norm == e.answer
             totals[7] += 1
+            if metric in ("multiple_choice", "multiple_choice_norm"):
+                picked = best_norm if metric == "multiple_choice_norm" else best
+                mine_verdicts.append((rank + i * world_size, picked == e.answer, _choice_text(e, picked)))
     user_metric = is_scoring_function(metric)
     predicted: list[tuple[int, str]] = []
     if metric in GENERATED or user_metric:
@@ -219,8 +230,15 @@ def score_examples(
         totals[8] += sum(answer_contains(p, e.reference) for p, e in zip(predictions, gen))
         totals[4] += len(gen)
         predicted = [(rank + i * world_size, p) for i, p in zip(positions, predictions)]  # index in ``examples``
+        if metric in GENERATED:
+            judge = exact_match if metric == "exact_match" else answer_contains
+            mine_verdicts += [(i, judge(p, examples[i].reference), p) for i, p in predicted]
     if reduce is not None:
         totals = reduce(totals.to(device)).cpu()
+    if verdicts is not None:
+        if gather is not None and world_size > 1:
+            mine_verdicts = gather(mine_verdicts)
+        verdicts.extend(sorted(mine_verdicts))
     model.train(was_training)
     loss_sum, targets, correct, hits, gen_total, mc_hits, mc_norm_hits, mc_total, contains_hits = totals.tolist()
     out = {"examples": len(examples), "target_tokens": int(targets)}
@@ -242,6 +260,14 @@ def score_examples(
     else:
         out["score"] = headline_value(out, metric)
     return out
+
+
+def _choice_text(example: Example, index: int) -> str:
+    """The text of a multiple-choice example's choice ``index`` (its record's), else its letter."""
+    choices = (example.record or {}).get("choices")
+    if isinstance(choices, list) and index < len(choices):
+        return str(choices[index]).strip()
+    return f"choice {chr(ord('A') + index) if index < 26 else index}"
 
 
 class _AnswerDone:

@@ -64,8 +64,10 @@ def harness_sets(cfg, taken: set[str]) -> list[EvalSet]:
     return [EvalSet(PREFIX + t, "keep", [], EncodeStats(), tasks.metrics[t], tasks) for t in h.tasks]
 
 
-def evaluate_sets(model, tokenizer, eval_sets: list[EvalSet], cfg, accelerator, label: str) -> dict[str, dict[str, float]]:
-    """Score every set; identical numbers on every process."""
+def evaluate_sets(model, tokenizer, eval_sets: list[EvalSet], cfg, accelerator, label: str,
+                  verdicts: Optional[dict[str, list]] = None) -> dict[str, dict[str, float]]:
+    """Score every set; identical numbers on every process. ``verdicts``: filled with each set's
+    per-example verdicts (``score_examples``'s; sets that judge no single example give none)."""
     results = {}
     show = cfg.output.progress and accelerator.is_main_process
     unwrapped = accelerator.unwrap_model(model)
@@ -76,6 +78,7 @@ def evaluate_sets(model, tokenizer, eval_sets: list[EvalSet], cfg, accelerator, 
     for s in eval_sets:
         if s.harness is not None:
             continue
+        judged = [] if verdicts is not None else None
         with eval_progress(math.ceil(len(s.examples) / accelerator.num_processes), f"eval {label}: {s.name}", show) as advance:
             results[s.name] = score_examples(
                 unwrapped,
@@ -93,7 +96,10 @@ def evaluate_sets(model, tokenizer, eval_sets: list[EvalSet], cfg, accelerator, 
                 on_batch=advance,
                 metric=s.metric,
                 name=s.name,
+                verdicts=judged,
             )
+        if judged:
+            verdicts[s.name] = judged
     suites = {id(s.harness): s.harness for s in eval_sets if s.harness is not None}
     for suite in suites.values():
         results.update(_harness_on_main(suite, unwrapped, tokenizer, accelerator, show))

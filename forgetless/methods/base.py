@@ -178,6 +178,9 @@ class Method:
     """No-op hooks; a method overrides the ones it needs (see the module docstring)."""
 
     name = "method"
+    # The multiplier of every loss term the method returns (the recipe applies it). A forgetting
+    # budget's controller moves it for methods that declare STRENGTH (forgetless/recipes/budget.py).
+    strength = 1.0
 
     def wrap_model(self, model, ctx: Context):
         return model

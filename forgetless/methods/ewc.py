@@ -31,7 +31,7 @@ import torch
 from forgetless.config import DatasetSpec, option
 from forgetless.errors import ConfigError, UserError
 from forgetless.methods.base import Context, Method
-from forgetless.registry import register, REGULARIZE, STARTS_AT_BASE
+from forgetless.registry import register, REGULARIZE, STARTS_AT_BASE, STRENGTH
 from forgetless.methods.fisher import FISHER_KINDS, diagonal_fisher, trainable
 
 STATE_FILE = "ewc_state.safetensors"
@@ -253,4 +253,4 @@ def load_state(path: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 register("ewc", EWCConfig, EWC, "Elastic weight consolidation: a diagonal-Fisher penalty on moving weights old data depends on (online EWC across runs).",
-         phase=REGULARIZE, provides={STARTS_AT_BASE: ""})
+         phase=REGULARIZE, provides={STARTS_AT_BASE: "", STRENGTH: ""})

@@ -48,7 +48,7 @@ from forgetless.errors import ConfigError
 from forgetless.loss import Outputs, forward as lm_forward, kl_sum, kl_sum_chunked, target_positions
 from forgetless.methods.base import Context, Method
 from forgetless.methods.lora import moves_base
-from forgetless.registry import register, REGULARIZE, STARTS_AT_BASE
+from forgetless.registry import register, REGULARIZE, STARTS_AT_BASE, STRENGTH
 from forgetless.models.adapters import adapters_disabled, has_adapters, is_peft_model
 
 
@@ -198,5 +198,5 @@ register(
     KL,
     "Distillation to the base model (LwF): KL(base ‖ model) on training or general data; no weight copy with adapters.",
     phase=REGULARIZE,
-    provides={STARTS_AT_BASE: ""},
+    provides={STARTS_AT_BASE: "", STRENGTH: ""},
 )

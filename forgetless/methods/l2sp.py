@@ -17,7 +17,7 @@ import torch
 from forgetless.config import option
 from forgetless.errors import ConfigError
 from forgetless.methods.base import Context, Method
-from forgetless.registry import register, REGULARIZE, STARTS_AT_BASE
+from forgetless.registry import register, REGULARIZE, STARTS_AT_BASE, STRENGTH
 from forgetless.methods.ewc import anchored_squares
 from forgetless.methods.fisher import trainable
 
@@ -64,4 +64,4 @@ class L2SP(Method):
 
 
 register("l2sp", L2SPConfig, L2SP, "L2-SP: a squared-distance penalty pulling the weights toward their starting values.",
-         phase=REGULARIZE, provides={STARTS_AT_BASE: ""})
+         phase=REGULARIZE, provides={STARTS_AT_BASE: "", STRENGTH: ""})

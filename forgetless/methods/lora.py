@@ -68,7 +68,7 @@ from forgetless.config import DatasetSpec, option
 from forgetless.errors import ConfigError, UserError
 from forgetless.methods.base import Context, Method
 from forgetless.registry import register, ADAPT, ADAPTER, FREEZES_BASE, STARTS_AT_BASE
-from forgetless.models.adapters import ADAPTER_KINDS, is_peft_model
+from forgetless.models.adapters import ADAPTER_KINDS, check_target_modules, is_peft_model, peft_targets, wrap_peft, wrapped_target_names
 from forgetless.models.saving import INITIAL_ADAPTER
 
 # forgetless's names of the inits that move part of W into the adapter -> PEFT's init_lora_weights
@@ -124,10 +124,7 @@ class LoraConfig:
             raise ConfigError(f"{where}.alpha must be positive, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"{where}.dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            raise ConfigError(f"{where}.target_modules is empty; give layer names like [q_proj, v_proj] or 'all-linear'")
-        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
-            raise ConfigError(f"{where}.target_modules: 'all-linear' cannot be combined with names; give one or the other")
+        check_target_modules(self.target_modules, where)
         if any(i < 0 for i in self.layers):
             raise ConfigError(f"{where}.layers: block indices must be >= 0, got {self.layers}")
         if self.init_niter is not None and (self.init != "pissa" or self.init_niter < 0):
@@ -213,7 +210,7 @@ class Lora(Method):
         self.facts: dict = {}
 
     def wrap_model(self, model, ctx: Context):
-        from peft import get_peft_model, get_peft_model_state_dict
+        from peft import get_peft_model_state_dict
         from peft import LoraConfig as PeftLoraConfig
         from peft.tuners.lora.config import CordaConfig
 
@@ -238,7 +235,7 @@ class Lora(Method):
             r=cfg.r,
             lora_alpha=cfg.alpha,
             lora_dropout=cfg.dropout,
-            target_modules="all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules),
+            target_modules=peft_targets(cfg.target_modules),
             use_dora=cfg.variant == "dora",
             use_rslora=cfg.variant == "rslora",
             bias=cfg.bias,
@@ -250,24 +247,18 @@ class Lora(Method):
             examples, name = corda_examples(cfg, ctx)
             corda_covariance(model, peft_cfg, examples)
             init_facts = {"corda_mode": cfg.corda_mode, "corda_data": name, "corda_samples": len(examples)}
-        try:
-            model = get_peft_model(model, peft_cfg)
-        except ValueError as e:
-            first = str(e).strip().splitlines()[0][:200]
-            raise ConfigError(f"methods.lora.target_modules: {first}; check the names against the model's linear layers") from None
+        model = wrap_peft(model, peft_cfg, "methods.lora")
         if cfg.init in MOVING_INITS:
             # (A0, B0), for the conversion to a plain LoRA on the original base at save (forgetless/models/saving.py).
             initial = get_peft_model_state_dict(model)
             setattr(model, INITIAL_ADAPTER, {k: v.detach().to("cpu", copy=True) for k, v in initial.items()})
-        targets = model.peft_config["default"].target_modules
         self.facts = {
             "variant": cfg.variant,
             "init": cfg.init if cfg.init_niter is None else f"pissa (randomized SVD, {cfg.init_niter} iterations)",
             **init_facts,
             "r": cfg.r,
             "alpha": cfg.alpha,
-            # PEFT expands 'all-linear' into qualified names; the distinct layer names read better.
-            "target_modules": sorted({t.rsplit(".", 1)[-1] for t in targets}),
+            "target_modules": wrapped_target_names(model),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         }
         if cfg.layers:

@@ -27,7 +27,7 @@ from forgetless.config import DatasetSpec, option
 from forgetless.data.batching import Source
 from forgetless.errors import ConfigError
 from forgetless.methods.base import Context, Method
-from forgetless.registry import register, DATA, STARTS_AT_BASE, stream_names
+from forgetless.registry import register, DATA, STARTS_AT_BASE, STRENGTH, stream_names
 
 
 @dataclass
@@ -112,5 +112,5 @@ register(
     Mix,
     "Mix general / pre-training data into every batch at fixed shares (per source, or a total split by temperature sampling).",
     phase=DATA,
-    provides={STARTS_AT_BASE: ""},
+    provides={STARTS_AT_BASE: "", STRENGTH: ""},
 )

@@ -40,7 +40,7 @@ import torch
 from forgetless.config import option
 from forgetless.errors import ConfigError
 from forgetless.methods.base import Context, Method
-from forgetless.models.adapters import has_adapters
+from forgetless.models.adapters import check_target_modules, has_adapters, peft_targets, wrap_peft, wrapped_target_names
 from forgetless.registry import register, ADAPT, ADAPTER, FREEZES_BASE, STARTS_AT_BASE
 
 WHERE = "methods.osf"
@@ -77,10 +77,7 @@ class OSFConfig:
             raise ConfigError(f"{where}.grow_by must be >= 0, got {self.grow_by}")
         if self.effective_rank >= 1 and self.grow_by != int(self.grow_by):
             raise ConfigError(f"{where}.grow_by {self.grow_by} must be a whole number when effective_rank is a count ({int(self.effective_rank)})")
-        if not self.target_modules:
-            raise ConfigError(f"{where}.target_modules is empty; give layer names like [q_proj, v_proj] or 'all-linear'")
-        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
-            raise ConfigError(f"{where}.target_modules: 'all-linear' cannot be combined with names; give one or the other")
+        check_target_modules(self.target_modules, where)
 
 
 def peft_rank(value: float):
@@ -125,8 +122,6 @@ class OSF(Method):
 
     def wrap_model(self, model, ctx: Context):
         from peft import OSFConfig as PeftOSFConfig
-        from peft import get_peft_model
-
         cfg = self.cfg
         if has_adapters(model):
             raise ConfigError(f"{WHERE}: the model carries adapters (it was loaded from an adapter run); merge it first (forgetless merge) "
@@ -134,13 +129,9 @@ class OSF(Method):
         peft_cfg = PeftOSFConfig(
             task_type="CAUSAL_LM",
             effective_rank=peft_rank(cfg.effective_rank),
-            target_modules="all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules),
+            target_modules=peft_targets(cfg.target_modules),
         )
-        try:
-            model = get_peft_model(model, peft_cfg)
-        except ValueError as e:
-            first = str(e).strip().splitlines()[0][:200]
-            raise ConfigError(f"{WHERE}.target_modules: {first}; check the names against the model's linear layers") from None
+        model = wrap_peft(model, peft_cfg, WHERE)
         self.layers = osf_layers(model)
         protected = [layer.effective_rank["default"] for layer in self.layers]
         sizes = [min(layer.in_features, layer.out_features) for layer in self.layers]
@@ -150,7 +141,7 @@ class OSF(Method):
             "effective_rank": cfg.effective_rank,
             "protected_fraction": round(sum(protected) / sum(sizes), 4),
             "layers": len(self.layers),
-            "target_modules": sorted({t.rsplit(".", 1)[-1] for t in model.peft_config["default"].target_modules}),
+            "target_modules": wrapped_target_names(model),
             "project_weights": cfg.project_weights,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         }

@@ -39,7 +39,7 @@ from forgetless.data.formats import Example
 from forgetless.data.loading import Record, load_records
 from forgetless.errors import ConfigError, UserError
 from forgetless.methods.base import Context, Method
-from forgetless.registry import register, DATA, DATA_STREAM, STARTS_AT_BASE
+from forgetless.registry import register, DATA, DATA_STREAM, STARTS_AT_BASE, STRENGTH
 
 MEMORY_FILE = "replay_memory.jsonl"
 META = "_replay"
@@ -259,5 +259,5 @@ register(
     Replay,
     "Experience replay: a memory of old tasks' records (reservoir or per-task quotas) mixed into every batch.",
     phase=DATA,
-    provides={DATA_STREAM: "", STARTS_AT_BASE: ""},
+    provides={DATA_STREAM: "", STARTS_AT_BASE: "", STRENGTH: ""},
 )

@@ -45,7 +45,7 @@ from forgetless.data.loading import Record, load_records
 from forgetless.errors import ConfigError, UserError
 from forgetless.eval.scoring import stop_token_ids
 from forgetless.methods.base import Context, Method
-from forgetless.registry import register, DATA, DATA_STREAM, STARTS_AT_BASE
+from forgetless.registry import register, DATA, DATA_STREAM, STARTS_AT_BASE, STRENGTH
 from forgetless.methods.replay import load_candidates
 
 SYNTHETIC_FILE = "synthetic_replay.jsonl"
@@ -276,5 +276,5 @@ register(
     SyntheticReplay,
     "Self-synthesized replay: the model generates pseudo-examples of its old knowledge before training; they are replayed in every batch.",
     phase=DATA,
-    provides={DATA_STREAM: "", STARTS_AT_BASE: ""},
+    provides={DATA_STREAM: "", STARTS_AT_BASE: "", STRENGTH: ""},
 )

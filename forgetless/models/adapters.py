@@ -75,3 +75,43 @@ def adapters_disabled(model) -> Iterator[None]:
             if kind.detect(model):
                 stack.enter_context(kind.disable(model))
         yield
+
+
+# ------------------------------------------------------------------------------------------------
+# PEFT's target_modules, as every PEFT-backed method (lora, osf) takes them
+# ------------------------------------------------------------------------------------------------
+
+
+def check_target_modules(targets: list[str], where: str) -> None:
+    """One-line ConfigErrors for a ``target_modules`` list before the model is loaded."""
+    from forgetless.errors import ConfigError
+
+    if not targets:
+        raise ConfigError(f"{where}.target_modules is empty; give layer names like [q_proj, v_proj] or 'all-linear'")
+    if "all-linear" in targets and len(targets) > 1:
+        raise ConfigError(f"{where}.target_modules: 'all-linear' cannot be combined with names; give one or the other")
+
+
+def peft_targets(targets: list[str]):
+    """The ``target_modules`` value for a PEFT config: PEFT's own 'all-linear' string, or the names."""
+    return "all-linear" if list(targets) == ["all-linear"] else list(targets)
+
+
+def wrap_peft(model, peft_cfg, where: str):
+    """``get_peft_model``, with PEFT's error for targets that match nothing as one ConfigError
+    naming ``where.target_modules``."""
+    from peft import get_peft_model
+
+    from forgetless.errors import ConfigError
+
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise ConfigError(f"{where}.target_modules: {first}; check the names against the model's linear layers") from None
+
+
+def wrapped_target_names(model) -> list[str]:
+    """The distinct layer names a PEFT model's adapter wraps (PEFT expands 'all-linear' into
+    qualified names; the short names read better in a summary)."""
+    return sorted({t.rsplit(".", 1)[-1] for t in model.peft_config["default"].target_modules})

@@ -53,7 +53,8 @@ from forgetless.data.arrow import ExampleTable, encode_to_table, wants_arrow
 from forgetless.data.encoding import encode_dataset
 from forgetless.data.formats import EncodeStats, Encoder, Example
 from forgetless.errors import ConfigError, ForgetlessWarning, UserError
-from forgetless.files import CONFIG_FILE, METRICS_FILE, MODEL_DIR, flatten, write_atomic
+from forgetless.files import CONFIG_FILE, FLIPS_FILE, METRICS_FILE, MODEL_DIR, flatten, write_atomic, write_text_atomic
+from forgetless.eval.flips import counts, flips_of_run
 from forgetless.eval.sets import EvalSet, evaluate_sets, harness_sets, make_eval_set
 from forgetless.loss import check_packing, forward as lm_forward
 from forgetless.methods import Context, Method, build_methods
@@ -61,6 +62,7 @@ from forgetless.models import load_model, load_tokenizer
 from forgetless.models.card import serving_notes, write_model_card
 from forgetless.models.saving import save_model
 from forgetless.progress import TrainProgress, console
+from forgetless.recipes.budget import Budget
 from forgetless.registry import REGISTRY, TASK_STREAM
 from forgetless.rundir import check_run_dir, prepare_run_dir, write_summary
 
@@ -77,6 +79,7 @@ class RunResult:
     roles: dict[str, str]
     train: dict[str, Any]
     data: dict[str, Any]
+    flips: dict[str, dict] = field(default_factory=dict)  # per set: judged, right_before, right_after, lost, gained
     model: Any = field(repr=False, default=None)
     tokenizer: Any = field(repr=False, default=None)
 
@@ -285,6 +288,10 @@ class Run:
     run_dir: Path
     trainable: int
     total_params: int
+    budget: Budget  # the forgetting budget's signal and controller (inactive without budget options)
+
+    def trainable_params(self) -> list:
+        return [p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
 
 
 def _setup(cfg: RunConfig, accelerator, trackers: list[str], ckpt: Optional[Checkpoint]) -> Run:
@@ -306,9 +313,11 @@ def _setup(cfg: RunConfig, accelerator, trackers: list[str], ckpt: Optional[Chec
     ctx = Context.build(cfg, tokenizer, accelerator, None, train_examples, t.seed, resume_state=ckpt.methods if ckpt else None)
     for m in methods:
         model = _wrap(m, model, ctx)
-    sources = [Source(TASK_STREAM, train_examples, 1.0)]
+    sources, owners = [Source(TASK_STREAM, train_examples, 1.0)], [None]
     for m in methods:
-        sources += m.extra_sources(ctx)
+        extra = m.extra_sources(ctx)
+        sources += extra
+        owners += [m.name] * len(extra)
     extra_share = sum(s.weight for s in sources[1:])
     if extra_share >= 1:
         raise ConfigError(f"methods: mixed-in data takes {extra_share:.0%} of every batch, leaving nothing for the task; lower the ratios")
@@ -355,6 +364,11 @@ def _setup(cfg: RunConfig, accelerator, trackers: list[str], ckpt: Optional[Chec
         references.append((m, streams))
     total_steps = t.max_steps or batches.steps_for_epochs(t.epochs)
     fingerprint = data_fingerprint(sources + [s for _, s in paired_sources] + reference_sources)
+    # the budget's starting distributions and scores: of the model the run starts from, so before a checkpoint's weights
+    budget = Budget(cfg, methods, eval_sets, train_examples, total_steps, batches, owners)
+    budget.prepare(model, tokenizer, accelerator)
+    if ckpt:
+        budget.load_state_dict(ckpt.methods.get(budget.name, {}))
 
     optimizer = build_optimizer(model, cfg)
     for m in methods:
@@ -381,7 +395,9 @@ def _setup(cfg: RunConfig, accelerator, trackers: list[str], ckpt: Optional[Chec
         state = TrainerState.from_json(ckpt.trainer)
     else:
         state = TrainerState(total_steps, global_batch, fingerprint, [0] * len(sources))
-        state.before = evaluate_sets(model, tokenizer, eval_sets, cfg, accelerator, "before") if cfg.eval.before else {}
+        verdicts: dict[str, list] = {}
+        state.before = evaluate_sets(model, tokenizer, eval_sets, cfg, accelerator, "before", verdicts) if cfg.eval.before else {}
+        state.before_verdicts = {name: [list(v) for v in vs] for name, vs in verdicts.items()}
         if state.before:
             log({"step": 0, "eval": state.before})
             fault("eval")
@@ -389,7 +405,7 @@ def _setup(cfg: RunConfig, accelerator, trackers: list[str], ckpt: Optional[Chec
     if ckpt:  # last: nothing in the setup above may draw from the restored random streams
         restore_rng(*ckpt.rng(accelerator.process_index))
     return Run(cfg, accelerator, tokenizer, model, optimizer, scheduler, methods, ctx, sources, batches, paired, references, eval_sets,
-               train_stats, state, writer, log, run_dir, trainable, total_params)
+               train_stats, state, writer, log, run_dir, trainable, total_params, budget)
 
 
 def _wrap(method: Method, model, ctx: Context):
@@ -457,6 +473,8 @@ def _train_steps(run: Run) -> None:
         if state.step:
             progress.update(state.step, state.last_loss, run.scheduler.get_last_lr()[0], 0.0)
         for step in range(state.step, state.total_steps):
+            if run.budget.stopped_at is not None:  # stopped early by the forgetting budget (also in a resumed run)
+                break
             o = _step(run, step)
             state.step = step + 1
             state.tokens_seen += o.tokens
@@ -471,14 +489,31 @@ def _train_steps(run: Run) -> None:
                     run.log(_step_record(run, o, tps, clock))
                     clock.new_window(keep_tokens=False)
             fault("step")
+            if run.budget.due(state.step):
+                record = run.budget.check(run.model, run.tokenizer, run.accelerator, state.step, run.trainable_params())
+                run.log({"step": state.step, "budget": record})
+                if record.get("action", "held") != "held":
+                    say(_budget_line(state.step, record))
+                fault("eval")
+                clock.new_window()
             if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < state.total_steps:
                 run.log({"step": state.step, "eval": evaluate_sets(run.model, run.tokenizer, run.eval_sets, cfg, run.accelerator, f"step {state.step}")})
                 fault("eval")
                 clock.new_window()
-            if out.checkpoint_every and (state.step % out.checkpoint_every == 0 or state.step == state.total_steps):
+            stopped = run.budget.stopped_at is not None
+            if stopped:
+                say(f"step {state.step}: stopped early: over the forgetting budget at the strongest protection "
+                    f"({run.cfg.budget.patience} checks in a row)")
+            if out.checkpoint_every and (state.step % out.checkpoint_every == 0 or state.step == state.total_steps or stopped):
                 _checkpoint(run, clock)
                 clock.new_window()
     state.train_time_s = clock.elapsed()
+
+
+def _budget_line(step: int, record: dict) -> str:
+    drops = ", ".join(f"{n} {d:+.3f}" for n, d in record.get("drop", {}).items())
+    return (f"step {step}: budget {'inside' if record['inside'] else 'exceeded'} (KL {record['kl']:.4f}"
+            f"{'; drops ' + drops if drops else ''}): protection {record['action']} to x{record['strength']:.3g}")
 
 
 def _step(run: Run, step: int) -> StepOutcome:
@@ -583,7 +618,7 @@ def _checkpoint(run: Run, clock: _Clock) -> Path:
     run.state.metrics_bytes = run.log.sync()
     run.state.train_time_s = clock.elapsed()
     try:
-        return run.writer.save(run.model, run.optimizer, run.scheduler, run.methods, run.state)
+        return run.writer.save(run.model, run.optimizer, run.scheduler, [*run.methods, run.budget], run.state)
     except UserError:
         run.log.close()
         raise
@@ -597,13 +632,21 @@ def _checkpoint(run: Run, clock: _Clock) -> Path:
 def _finish(run: Run) -> RunResult:
     cfg, acc, state = run.cfg, run.accelerator, run.state
     unwrapped = acc.unwrap_model(run.model)
+    end = run.budget.final_check(run.model, run.tokenizer, acc, run.eval_sets, state.before, state.step, run.trainable_params())
+    if end is not None:
+        run.log({"step": state.step, "budget": end})
+        if acc.is_main_process and end["action"] != "end":
+            console.print(f"budget exceeded at the end ({', '.join(f'{n} {d:+.3f}' for n, d in end['drop'].items())}): "
+                          f"{end['action']}, the last check inside the budget")
     for m in run.methods:
         m.after_train(unwrapped, run.ctx)
-    after = evaluate_sets(run.model, run.tokenizer, run.eval_sets, cfg, acc, "after")
-    run.log({"step": state.total_steps, "eval": after})
+    verdicts: dict[str, list] = {}
+    after = evaluate_sets(run.model, run.tokenizer, run.eval_sets, cfg, acc, "after", verdicts)
+    run.log({"step": state.step, "eval": after})
     fault("eval")
+    flips = flips_of_run(run.eval_sets, state.before_verdicts, verdicts, run.tokenizer)
     train_info = {
-        "steps": state.total_steps,
+        "steps": state.step,
         "global_batch": state.global_batch,
         "processes": acc.num_processes,
         "tokens": state.tokens_seen,
@@ -615,6 +658,8 @@ def _finish(run: Run) -> RunResult:
         "total_params": run.total_params,
         "methods": {m.name: m.describe() for m in run.methods},
     }
+    if run.budget.active or run.budget.limits:
+        train_info["budget"] = run.budget.describe()
     drawn = sum(state.source_counts)
     shares = zip(run.sources, run.batches.shares, state.source_counts)
     data_info = {
@@ -630,7 +675,10 @@ def _finish(run: Run) -> RunResult:
             for note in notes:
                 warnings.warn(f"serving: {note}", ForgetlessWarning, stacklevel=2)
             write_model_card(run.run_dir / MODEL_DIR, cfg, state.before, after, roles, train_info, data_info, notes)
-        write_summary(run.run_dir, state.before, after, roles, train_info, data_info)  # summary.json last: the run is finished
+        if flips:
+            write_text_atomic(run.run_dir / FLIPS_FILE, json.dumps(flips, indent=1))
+        # summary.json last: the run is finished
+        write_summary(run.run_dir, state.before, after, roles, train_info, data_info, {n: counts(f) for n, f in flips.items()})
         run.log.close()
         if not cfg.output.keep_checkpoints:
             remove_checkpoints(run.run_dir)
@@ -641,7 +689,8 @@ def _finish(run: Run) -> RunResult:
         if warning := local_base_warning(run.run_dir):
             warnings.warn(warning, ForgetlessWarning, stacklevel=2)
         console.print(f"pushed to {push_run(run.run_dir, cfg.output.push_to_hub, private=cfg.output.hub_private)}")
-    return RunResult(run.run_dir, state.before, after, roles, train_info, data_info, model=unwrapped, tokenizer=run.tokenizer)
+    return RunResult(run.run_dir, state.before, after, roles, train_info, data_info, {n: counts(f) for n, f in flips.items()},
+                     model=unwrapped, tokenizer=run.tokenizer)
 
 
 def _grad_norm(model, accelerator, max_norm) -> float:
@@ -668,7 +717,8 @@ def _tracker_config(cfg: RunConfig) -> dict:
 def _finished_result(run_dir: Path, summary: dict) -> RunResult:
     """The result of a run that has already finished, from its summary.json (no model loaded)."""
     roles = {row["set"]: row["role"] for row in summary.get("sets", [])}
-    return RunResult(run_dir, summary.get("before", {}), summary.get("after", {}), roles, summary.get("train", {}), summary.get("data", {}))
+    return RunResult(run_dir, summary.get("before", {}), summary.get("after", {}), roles, summary.get("train", {}), summary.get("data", {}),
+                     summary.get("flips", {}))
 
 
 def forward_backward(model, micro_batches: list[dict], accelerator, scale: float, methods: list = (), paired: list = ()) -> dict:
@@ -682,7 +732,8 @@ def forward_backward(model, micro_batches: list[dict], accelerator, scale: float
     sums over ``paired_count`` positions, are scaled by ``world_size / global count`` (a mean
     over the step). Step terms (penalties on the weights) are added once, with the last
     micro-batch; every process adds the same value, so DDP's average keeps it at weight 1.
-    Gradients are synchronised across processes only on the last micro-batch.
+    Gradients are synchronised across processes only on the last micro-batch. Every term is
+    multiplied by its method's ``strength`` (1 unless a forgetting budget's controller moved it).
 
     Returns this process's sums: ``{"lm": ..., <batch term>: ..., "step_terms": {name: value},
     "paired": {(index of its entry in paired, name): sum}}``. Every process must return the same
@@ -707,11 +758,14 @@ def forward_backward(model, micro_batches: list[dict], accelerator, scale: float
                 sums["lm"] += loss_sum.detach().double().cpu()
                 for m in methods:
                     for name, value in m.batch_terms(plain, b, out).items():
+                        value = value * m.strength if m.strength != 1.0 else value
                         total = total + value
                         sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64)) + value.detach().double().cpu()
             else:  # a micro-batch of a method's own data
                 total = out.anchor()
-                for name, value in paired[owner][0].paired_terms(plain, b, out).items():
+                owner_method = paired[owner][0]
+                for name, value in owner_method.paired_terms(plain, b, out).items():
+                    value = value * owner_method.strength if owner_method.strength != 1.0 else value
                     total = total + value
                     key = (owner, name)
                     paired_sums[key] = paired_sums.get(key, torch.zeros((), dtype=torch.float64)) + value.detach().double().cpu()
@@ -719,6 +773,7 @@ def forward_backward(model, micro_batches: list[dict], accelerator, scale: float
             if last:
                 for m in methods:
                     for name, value in m.step_terms(plain).items():
+                        value = value * m.strength if m.strength != 1.0 else value
                         total = total + value
                         step_values[name] = float(value.detach())
             accelerator.backward(total)

@@ -312,6 +312,46 @@ def run_curves(log: RunLog, roles: dict[str, str]) -> Optional[Plot]:
 
 
 @_styled
+def budget_curves(log: RunLog, limits: dict[str, float]) -> Optional[Plot]:
+    """The forgetting budget's checks: the online KL, each keep sample's drop (with its limit), and
+    the controller's strength."""
+    steps = sorted(log.budgets)
+    if not steps:
+        return None
+    records = [log.budgets[s] for s in steps]
+    strength = [r.get("strength") for r in records]
+    has_strength = any(v is not None for v in strength)
+    fig = _figure(9.6 if has_strength else 6.4, 3.0)
+    axes = fig.subplots(1, 2 + int(has_strength), squeeze=False)[0]
+    ax = axes[0]
+    ax.plot(steps, [r.get("kl") for r in records], color=PALETTE[0], marker="o", ms=3, lw=1.4)
+    if "kl" in limits:
+        ax.axhline(limits["kl"], color=PALETTE[1], ls="--", lw=1, label="kl_max")
+        ax.legend(loc="best")
+    ax.set_xlabel("step")
+    ax.set_title("online KL(start || model) per token", loc="left")
+    ax = axes[1]
+    names = sorted({n for r in records for n in (r.get("drop") or {})})
+    for i, name in enumerate(names):
+        colour = PALETTE[(i + 2) % len(PALETTE)]
+        ax.plot(steps, [(r.get("drop") or {}).get(name, math.nan) for r in records], color=colour, marker="o", ms=3, lw=1.4, label=name)
+        if name in limits:
+            ax.axhline(limits[name], color=colour, ls="--", lw=1)
+    ax.axhline(0, color="#999999", lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_title("drop of each keep sample (dashed: max_drop)", loc="left")
+    if names:
+        ax.legend(loc="best")
+    if has_strength:
+        ax = axes[2]
+        ax.step(steps, [math.nan if v is None else v for v in strength], where="post", color=PALETTE[3], lw=1.6)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title("protection strength (x configured)", loc="left")
+    return _png(fig, "forgetting budget: online KL, keep-sample drops and the controller's strength")
+
+
+@_styled
 def grouped_bars(groups: list[str], series: list[tuple[str, list[float], str]], ylabel: str,
                  ylim: Optional[tuple[float, float]] = None, alt: str = "") -> Plot:
     """Bars side by side per group: ``series`` is (label, one value per group, colour) each."""

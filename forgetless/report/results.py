@@ -179,6 +179,7 @@ class RunLog:
     losses: dict[int, float]
     evals: dict[int, dict]
     last_step: int
+    budgets: dict[int, dict] = field(default_factory=dict)  # the forgetting budget's checks (forgetless/recipes/budget.py)
 
 
 def read_run_log(path: Path, label: str, notes: list[str]) -> RunLog:
@@ -200,6 +201,9 @@ def read_run_log(path: Path, label: str, notes: list[str]) -> RunLog:
             log.last_step = max(log.last_step, step)
             if isinstance(record.get("eval"), dict):
                 log.evals[step] = record["eval"]
+            elif isinstance(record.get("budget"), dict):
+                if record["budget"].get("action") != "end":  # the end's record scores whole sets, not the samples
+                    log.budgets[step] = record["budget"]
             elif (loss := _number(record.get("loss"))) is not None:
                 log.losses[step] = loss
     return log

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from forgetless.errors import UserError
-from forgetless.files import CONFIG_FILE, METRICS_FILE, REPORT_HTML, RESULTS_FILE, SUMMARY_FILE
+from forgetless.files import CONFIG_FILE, FLIPS_FILE, METRICS_FILE, REPORT_HTML, RESULTS_FILE, SUMMARY_FILE
 from forgetless.report import plots
 from forgetless.report.html import config_block, esc, figure, notes_section, page, table
 from forgetless.report.results import read_run_log
@@ -74,6 +74,43 @@ def _training(train: dict) -> str:
     return " · ".join(parts)
 
 
+def _budget_text(budget: dict) -> str:
+    if not budget.get("limits"):
+        return f"{budget.get('checks', 0)} checks of the signal, no budget set."
+    limits = ", ".join(f"{n} <= {v:g}" for n, v in budget["limits"].items())
+    parts = [f"limits: {limits}", f"{budget.get('checks', 0)} checks"]
+    if budget.get("controlled"):
+        parts.append(f"strength of {', '.join(budget['controlled'])} changed {budget.get('changes', 0)} times, "
+                     f"x{budget.get('strength', 1):.3g} at the end")
+    if budget.get("stopped_at") is not None:
+        parts.append(f"stopped early at step {budget['stopped_at']}")
+    if budget.get("restored_step") is not None:
+        parts.append(f"weights of step {budget['restored_step']} restored (the last check inside the budget)")
+    end = budget.get("end")
+    if end:
+        parts.append("inside the budget at the end" if end.get("inside") else "over the budget at the end")
+    return "; ".join(parts) + "."
+
+
+def _flips_section(flips: dict, shown: int = 10) -> list[str]:
+    """Per set: how many answers flipped each way, and the first lost ones."""
+    rows = [f"<tr><td>{esc(n)}</td><td>{esc(f.get('role', ''))}</td><td>{f.get('judged')}</td><td>{f.get('right_before')}</td>"
+            f"<td>{f.get('right_after')}</td><td>{len(f.get('lost') or [])}</td><td>{len(f.get('gained') or [])}</td></tr>"
+            for n, f in flips.items()]
+    out = ["<h2>Flipped answers</h2>",
+           '<p class="small muted">Per example: right before training and wrong after (lost), or the reverse (gained); '
+           "every one is in <code>flips.json</code>.</p>",
+           table("<th>set</th><th>role</th><th>judged</th><th>right before</th><th>right after</th><th>lost</th><th>gained</th>", rows)]
+    for name, f in flips.items():
+        lost = ((f.get("examples") or {}).get("lost") or [])[:shown]
+        if lost:
+            body = [f"<tr><td>{esc(r.get('prompt'))}</td><td>{esc(r.get('reference'))}</td><td>{esc(r.get('before'))}</td>"
+                    f"<td>{esc(r.get('after'))}</td></tr>" for r in lost]
+            out += [f"<h3>{esc(name)}: lost answers (first {len(lost)})</h3>",
+                    table("<th>prompt</th><th>reference</th><th>before</th><th>after</th>", body)]
+    return out
+
+
 def write_single_run_report(run_dir: Path) -> dict[str, Path]:
     """Write ``run_dir/report.html`` for a single training run; return its path."""
     path = run_dir / SUMMARY_FILE
@@ -100,6 +137,14 @@ def write_single_run_report(run_dir: Path) -> dict[str, Path]:
     if curves is not None:
         sections += ["<h2>Over the run</h2>", figure(curves, "Training loss per step, and each set's score at every evaluation "
                                                     "(solid: sets to learn, dashed: sets to keep).")]
+    budget = (summary.get("train") or {}).get("budget")
+    budget_plot = plots.budget_curves(log, (budget or {}).get("limits") or {}) if log else None
+    if budget_plot is not None:
+        sections += ["<h2>Forgetting budget</h2>", f'<p class="small muted">{esc(_budget_text(budget or {}))}</p>',
+                     figure(budget_plot, "At every check: the KL from the starting model on a fixed task sample, each keep "
+                                         "sample's drop from its starting score, and the strength the controller set.")]
+    if (run_dir / FLIPS_FILE).is_file():
+        sections += _flips_section(json.loads((run_dir / FLIPS_FILE).read_text(encoding="utf-8")))
     if config.is_file():
         sections += ["<h2>Configuration</h2>", config_block(config.read_text(encoding="utf-8"), CONFIG_FILE, unfolded=True)]
     sections += notes_section(notes)

@@ -1,0 +1,37 @@
+"""forgetless diagnose: the share of a run's forgetting that k old examples and a few steps recover."""
+
+import json
+
+import pytest
+
+from forgetless.cli import main
+from forgetless.recipes.diagnose import recovered_share, verdict
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_recovered_share_by_hand():
+    assert recovered_share(0.8, 0.2, 0.5, True, 0.01) == pytest.approx(0.5)
+    assert recovered_share(1.0, 3.0, 1.5, False, 0.01) == pytest.approx(0.75)  # a loss: lower is better
+    assert recovered_share(0.8, 0.795, 0.9, True, 0.01) is None  # nothing lost
+    assert recovered_share(0.8, 0.2, 0.1, True, 0.01) == pytest.approx(-1 / 6)  # the few steps made it worse
+    assert verdict(None) == "nothing lost" and verdict(0.6).startswith("mostly spurious") and verdict(0.2) == "knowledge lost"
+
+
+@pytest.mark.slow
+def test_diagnose_a_run_that_forgot(scenario, capsys):
+    run_dir = scenario.plain.run_dir
+    assert main(["diagnose", str(run_dir), "--k", "10", "--steps", "10"]) == 0
+    assert "diagnose.json" in capsys.readouterr().out
+    report = json.loads((run_dir / "diagnose.json").read_text())
+    r = report["sets"]["capitals"]
+    assert r["scored_examples"] == 30  # 40 capitals, 10 trained on
+    assert r["start"] > r["final"]  # the run forgot
+    assert r["recovered"] > r["final"]  # ten examples give some of it back
+    assert r["recovered_share"] == pytest.approx((r["recovered"] - r["final"]) / (r["start"] - r["final"]))
+    assert (run_dir / "diagnose" / "capitals" / "summary.json").is_file()
+
+
+def test_diagnose_refuses_what_it_cannot_do(tmp_path, capsys):
+    assert main(["diagnose", str(tmp_path)]) == 2
+    assert "not a finished run directory" in capsys.readouterr().err
