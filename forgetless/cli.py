@@ -33,6 +33,9 @@ examples:
   forgetless eval runs/my-run --data old=old.jsonl --data new=new.jsonl
   forgetless interpolate runs/my-run --min-keep 0.9        # WiSE-FT alpha sweep, writes the chosen model
   forgetless train run.yaml methods.lora.r=16 methods.kl.weight=1  # anti-forgetting methods, combined
+  forgetless train run.yaml methods.kl.weight=0.1 'data.keep.old={path: old.jsonl, max_drop: 0.02}'  # a forgetting budget
+  forgetless tune run.yaml tune.trials=12          # search strategies and strengths: the front, best.yaml
+  forgetless diagnose runs/my-run                  # was the forgetting spurious? (k old examples, a few steps)
   forgetless continual sequence.yaml --baselines sequential,joint   # tasks one after another: accuracy matrix
   forgetless compare sequence.yaml                  # several strategies, same tasks and seed: one table
   forgetless report runs/my-sequence                # report.html, results.csv, summary.md of a comparison
@@ -258,6 +261,39 @@ def _numbers(text: Optional[str], flag: str, expected: str) -> Optional[list[flo
         raise UserError(f"{flag} {text!r}: expected {expected}") from None
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from forgetless.config import load_config
+    from forgetless.progress import console
+    from forgetless.recipes.tune import tune
+
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite contradict each other: --resume keeps the finished trials, --overwrite deletes them; choose one")
+    config, overrides = _split_config_and_overrides(args.config_and_overrides)
+    cfg = load_config(config, ["budget.control=false", *overrides])  # the search sets the strengths itself
+    result = tune(cfg, resume=args.resume, overwrite=args.overwrite, say=lambda line: console.print(line, highlight=False))
+    table = Table(title=f"forgetless tune: {len(result['trials'])} trials ({result['training_steps']:,} training steps)",
+                  title_justify="left", caption="learned: new-task score; kept: mean share of the keep scores kept; * = on the front",
+                  caption_justify="left")
+    for col in ("trial", "strategy and strengths", "learned", "kept", "budget", ""):
+        table.add_column(col)
+    for t in result["trials"]:
+        if "learned" not in t:
+            table.add_row(str(t["number"]), t["label"], "-", "-", t["state"].lower(), "")
+            continue
+        budget = "" if t["budget_excess"] is None else ("inside" if t["feasible"] else f"over by {t['budget_excess']:.3f}")
+        mark = ("* " if t["number"] in result["front"] else "") + ("<- chosen" if t["number"] == result["chosen"] else "")
+        table.add_row(str(t["number"]), t["label"], f"{t['learned']:.3f}", f"{t['kept']:.3f}", budget, mark)
+    console.print(table)
+    out = Path(cfg.output.dir)
+    if result["chosen"] is None:
+        print(f"no trial stayed inside the budget; see {out / 'tune.json'}")
+    else:
+        print(f"chosen: trial {result['chosen']}; its config: {out / 'best.yaml'} (forgetless train {out / 'best.yaml'})")
+    return 0
+
+
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -477,6 +513,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"), default=None,
                    help="with --method: dtype the weights are loaded and written in (default float32); a fold keeps the checkpoint's")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser(
+        "tune",
+        help="search strategies and strengths; the front of learned vs kept, and the config to use",
+        description=textwrap.fill(
+            "Try tune.trials training runs of CONFIG, each with a strategy of tune.strategies (lora, full fine-tuning, "
+            "kl, l2sp, ewc, mix, replay; 'auto': what you have data for) and strengths chosen by Optuna's "
+            "multi-objective TPE, starting from the field's advised settings. Each trial is a run of its own "
+            "process under OUTPUT/trials/. Objectives: the new-task score and the share of the keep scores kept; "
+            "a forgetting budget (data.keep.NAME.max_drop) is a constraint, and a trial over it stops early. Writes "
+            "OUTPUT/tune.json (trials, Pareto front, choice) and OUTPUT/best.yaml (the chosen config); "
+            "--resume continues an interrupted search. Needs pip install 'forgetless[tune]'.", 100),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  forgetless tune run.yaml tune.trials=12 output.dir=runs/tune\n"
+        "  forgetless tune run.yaml output.dir=runs/tune --resume          # after an interruption\n"
+        "  forgetless train runs/tune/best.yaml                           # the chosen config",
+    )
+    p.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    p.add_argument("--resume", action="store_true", help="continue the search in output.dir (finished trials are kept)")
+    p.add_argument("--overwrite", action="store_true", help="delete an earlier search in output.dir first")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser(
         "diagnose",

@@ -640,6 +640,49 @@ class ContinualConfig:
     )
 
 
+TUNE_STRATEGIES = ("lora", "full", "kl", "l2sp", "ewc", "mix", "replay")
+
+
+@dataclass
+class TuneConfig:
+    """`forgetless tune`: a search over strategies and strengths (forgetless/recipes/tune.py)."""
+
+    trials: int = option(12, "Training runs to try (each a full run of this config with the trial's strategy, in its own process).")
+    strategies: list[str] = option(
+        factory=lambda: ["auto"],
+        help="What to search: any of lora, full, kl, l2sp, ewc, mix, replay; 'auto' = what the field advises for what "
+        "you have: lora, full fine-tuning with kl and with l2sp always; mix when general_data is given; replay and ewc "
+        "when old_data is given.",
+    )
+    old_data: Optional[DatasetSpec] = option(
+        None, "Examples of what the model must keep (earlier tasks): the replay memory and EWC's Fisher data. Not a keep set."
+    )
+    general_data: Optional[DatasetSpec] = option(None, "General / pre-training-like text to mix in (mix).")
+    lr_range: float = option(
+        3.0, "The learning rate is searched in [train.lr / lr_range, train.lr x lr_range] (LoRA: 10x that, adapters take higher rates)."
+    )
+    seed: int = option(0, "Seed of the sampler (the trials' own training seed is train.seed).")
+
+    def validate(self, where: str) -> None:
+        if self.trials < 1:
+            raise ConfigError(f"{where}.trials must be at least 1, got {self.trials}")
+        if not self.strategies:
+            raise ConfigError(f"{where}.strategies is empty; give 'auto' or some of {', '.join(TUNE_STRATEGIES)}")
+        for s in self.strategies:
+            if s != "auto" and s not in TUNE_STRATEGIES:
+                raise ConfigError(f"{where}.strategies: {s!r} is not searchable; use 'auto' or some of {', '.join(TUNE_STRATEGIES)}")
+        if not self.lr_range >= 1:
+            raise ConfigError(f"{where}.lr_range must be >= 1, got {self.lr_range}")
+        for name in ("old_data", "general_data"):
+            spec = getattr(self, name)
+            if spec is not None:
+                spec.validate(f"{where}.{name}")
+        needs = {"ewc": "old_data", "replay": "old_data", "mix": "general_data"}
+        for s in self.strategies:
+            if s in needs and getattr(self, needs[s]) is None:
+                raise ConfigError(f"{where}.strategies: {s} needs {where}.{needs[s]} (the data it draws on)")
+
+
 def _strength_methods() -> list[str]:
     return sorted(n for n, spec in REGISTRY.items() if spec.has(STRENGTH))
 
@@ -679,6 +722,7 @@ class RunConfig:
         "Leave data.train empty when tasks are given.",
     )
     continual: ContinualConfig = option(factory=ContinualConfig, help="Task sequences: strategies and baselines.")
+    tune: TuneConfig = option(factory=TuneConfig, help="`forgetless tune`: the strategies and strengths to search, and the data they may use.")
 
     def validate(self) -> None:
         self.model.tiny.validate("model.tiny")
@@ -687,6 +731,7 @@ class RunConfig:
         self.eval.validate("eval")
         self.output.validate("output")
         self.budget.validate("budget")
+        self.tune.validate("tune")
         if self.tasks:
             if self.data.train:
                 raise ConfigError("data.train and tasks are both set: a task sequence takes its training data from tasks[].train; remove data.train")

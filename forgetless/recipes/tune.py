@@ -1,0 +1,317 @@
+"""``forgetless tune CONFIG``: search strategies and strengths; report the front of learned vs kept.
+
+Every trial is one training run of the user's config with a strategy of ``tune.strategies`` and
+strengths the sampler picks (its ``methods`` replace the config's), in a process of its own, in
+``OUTPUT/trials/NNNN-<strategy>/``. Two objectives, both maximised, from the run's summary:
+
+- **learned**: the mean over the new-task sets of their headline score after training (a loss or
+  perplexity counts negated);
+- **kept**: the mean over the keep sets of the share of their starting score still there
+  (``after / before`` for higher-is-better scores, ``before / after`` for loss and perplexity,
+  each capped at 1), as in the real-model benchmark.
+
+A forgetting budget in the config (``data.keep.NAME.max_drop``) is a constraint: a trial over it
+is infeasible (Optuna's trial constraints), and every trial runs with ``budget.control=false``
+and ``budget.patience=2``, so a trial that is over budget twice in a row stops early: the budget
+prunes it. The sampler is Optuna's multi-objective TPE; its first trials are the field's advice
+for what the user has (LoRA; full fine-tuning with a KL anchor; general data mixed in; replay of
+old data; EWC on old data), then it explores. The study is an Optuna journal file
+(``OUTPUT/tune.journal``): ``--resume`` keeps every finished trial and continues an interrupted
+one from its checkpoint.
+
+The result: ``OUTPUT/tune.json`` (every trial, the Pareto front, the chosen one) and
+``OUTPUT/best.yaml``, the chosen trial's config (training it gives the trial's numbers again):
+the front's trial that learned the most inside the budget (without a budget, the most learned +
+kept). The search itself runs with ``budget.control=false`` (the strengths are what it searches),
+unless the config sets it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from forgetless.config import RunConfig, config_from_dict, save_config, to_dict
+from forgetless.config.schema import TUNE_STRATEGIES
+from forgetless.errors import UserError
+from forgetless.files import SUMMARY_FILE
+
+TUNE_FILE = "tune.json"
+BEST_FILE = "best.yaml"
+JOURNAL_FILE = "tune.journal"
+STUDY = "forgetless-tune"
+REPLAY_MEMORY = 1000  # examples of tune.old_data a replay trial keeps (all of it when it has fewer)
+
+
+# ------------------------------------------------------------------------------------------------
+# pure parts: the objectives, the constraint, the choice, the strategies
+# ------------------------------------------------------------------------------------------------
+
+
+def objectives(summary: dict) -> tuple[float, float]:
+    """(learned, kept) of a finished run's summary.json (see the module docstring)."""
+    data, before, after = summary.get("data", {}), summary.get("before", {}), summary.get("after", {})
+    learned, kept = [], []
+    for row in summary.get("sets", []):
+        name, role = row["set"], row["role"]
+        higher = (data.get(name) or {}).get("higher_is_better", True)
+        a, b = (after.get(name) or {}).get("score"), (before.get(name) or {}).get("score")
+        if a is None:
+            continue
+        if role == "new":
+            learned.append(a if higher else -a)
+        elif b is not None:
+            share = (a / b if b > 0 else (1.0 if a >= b else 0.0)) if higher else (b / a if a > 0 else 1.0)
+            kept.append(min(1.0, max(0.0, share)))
+    return (sum(learned) / len(learned) if learned else 0.0, sum(kept) / len(kept) if kept else 1.0)
+
+
+def budget_excess(summary: dict, limits: dict[str, float]) -> float:
+    """The largest ``drop - max_drop`` over the limited keep sets (<= 0: inside the budget)."""
+    from forgetless.recipes.budget import score_drop
+
+    data, before, after = summary.get("data", {}), summary.get("before", {}), summary.get("after", {})
+    excess = [-math.inf]
+    for name, limit in limits.items():
+        a, b = (after.get(name) or {}).get("score"), (before.get(name) or {}).get("score")
+        if a is not None and b is not None:
+            excess.append(score_drop(b, a, (data.get(name) or {}).get("higher_is_better", True)) - limit)
+    return max(excess)
+
+
+def pareto_front(points: dict[int, tuple[float, float]]) -> list[int]:
+    """The keys whose (learned, kept) no other point beats on both (and strictly on one)."""
+    front = []
+    for k, (x, y) in points.items():
+        if not any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for k2, (x2, y2) in points.items() if k2 != k):
+            front.append(k)
+    return sorted(front)
+
+
+def choose(trials: list[dict], budgeted: bool) -> Optional[dict]:
+    """The trial to recommend: the most learned among the feasible front (with a budget), else the
+    most learned + kept; ties to the one that kept more, then the earlier."""
+    done = [t for t in trials if t.get("learned") is not None]
+    feasible = [t for t in done if t.get("feasible", True)]
+    if not feasible:
+        return None
+    front = set(pareto_front({t["number"]: (t["learned"], t["kept"]) for t in feasible}))
+    pool = [t for t in feasible if t["number"] in front]
+    key = (lambda t: (t["learned"], t["kept"], -t["number"])) if budgeted else (lambda t: (t["learned"] + t["kept"], t["kept"], -t["number"]))
+    return max(pool, key=key)
+
+
+def strategies_for(cfg: RunConfig) -> list[str]:
+    """``tune.strategies`` with 'auto' expanded by what the user has."""
+    t = cfg.tune
+    if "auto" not in t.strategies:
+        return list(dict.fromkeys(t.strategies))
+    out = ["lora", "kl", "l2sp", "full"]
+    if t.general_data is not None:
+        out.append("mix")
+    if t.old_data is not None:
+        out += ["replay", "ewc"]
+    return list(dict.fromkeys(out + [s for s in t.strategies if s != "auto"]))
+
+
+def advised_starts(strategies: list[str]) -> list[dict]:
+    """The first trials: each strategy at the strength practitioners start from, in the advised order."""
+    starts = {
+        "lora": {"strategy": "lora", "lora.r": 16, "lr_factor": 1.0},
+        "kl": {"strategy": "kl", "kl.weight": 1.0, "lr_factor": 1.0},
+        "mix": {"strategy": "mix", "mix.ratio": 0.1, "lr_factor": 1.0},
+        "replay": {"strategy": "replay", "replay.ratio": 0.2, "lr_factor": 1.0},
+        "ewc": {"strategy": "ewc", "ewc.weight": 1.0, "lr_factor": 1.0},
+        "l2sp": {"strategy": "l2sp", "l2sp.weight": 0.01, "lr_factor": 1.0},
+        "full": {"strategy": "full", "lr_factor": 1.0},
+    }
+    order = ["lora", "kl", "mix", "replay", "ewc", "l2sp", "full"]
+    return [starts[s] for s in order if s in strategies]
+
+
+def trial_config(cfg: RunConfig, params: dict, run_dir: Path) -> RunConfig:
+    """The run of one trial: the user's config, the strategy's methods (they replace the config's),
+    the searched learning rate, and the budget as a pruning rule."""
+    t = cfg.tune
+    out = copy.deepcopy(cfg)
+    strategy = params["strategy"]
+    factor = params.get("lr_factor", 1.0)
+    lr = cfg.train.lr * factor * (10.0 if strategy == "lora" else 1.0)
+    methods: dict = {}
+    if strategy == "lora":
+        methods["lora"] = {"r": int(params["lora.r"]), "alpha": 2 * int(params["lora.r"])}
+    elif strategy in ("kl", "l2sp"):
+        methods[strategy] = {"weight": float(params[f"{strategy}.weight"])}
+    elif strategy == "ewc":
+        methods["ewc"] = {"weight": float(params["ewc.weight"]), "data": to_dict(t.old_data), "normalize": "mean"}
+    elif strategy == "mix":
+        methods["mix"] = {"ratio": float(params["mix.ratio"]), "sources": {"general": to_dict(t.general_data)}}
+    elif strategy == "replay":
+        methods["replay"] = {"ratio": float(params["replay.ratio"]), "memory": [to_dict(t.old_data)], "size_examples": REPLAY_MEMORY}
+    raw = to_dict(out)
+    raw["methods"] = methods
+    raw["train"]["lr"] = lr
+    raw["output"].update({"dir": str(run_dir), "overwrite": False, "resume": False, "progress": False})
+    if any(spec.max_drop is not None for spec in cfg.data.keep.values()):
+        raw["budget"].update({"control": False, "patience": 2, "restore": False})
+    return config_from_dict(raw)
+
+
+def suggest(trial, strategies: list[str], lr_range: float) -> dict:
+    """The trial's strategy and strengths (Optuna's define-by-run space)."""
+    strategy = trial.suggest_categorical("strategy", strategies)
+    params = {"strategy": strategy, "lr_factor": trial.suggest_float("lr_factor", 1.0 / lr_range, lr_range, log=True)}
+    if strategy == "lora":
+        params["lora.r"] = trial.suggest_categorical("lora.r", [8, 16, 32])
+    elif strategy == "kl":
+        params["kl.weight"] = trial.suggest_float("kl.weight", 0.03, 10.0, log=True)
+    elif strategy == "l2sp":
+        params["l2sp.weight"] = trial.suggest_float("l2sp.weight", 1e-4, 1.0, log=True)
+    elif strategy == "ewc":
+        params["ewc.weight"] = trial.suggest_float("ewc.weight", 0.01, 100.0, log=True)
+    elif strategy in ("mix", "replay"):
+        params[f"{strategy}.ratio"] = trial.suggest_float(f"{strategy}.ratio", 0.05, 0.5)
+    return params
+
+
+# ------------------------------------------------------------------------------------------------
+# the search
+# ------------------------------------------------------------------------------------------------
+
+
+def tune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, say=print) -> dict:
+    """Run the search of ``cfg.tune`` under ``cfg.output.dir``; writes and returns tune.json's content."""
+    try:
+        import optuna
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+    except ImportError:
+        raise UserError("forgetless tune needs Optuna: pip install 'forgetless[tune]'") from None
+    if cfg.tasks:
+        raise UserError("forgetless tune searches one training run; for a task sequence use forgetless compare with strategies")
+    out = Path(cfg.output.dir)
+    journal = out / JOURNAL_FILE
+    if out.exists() and any(out.iterdir()) and not resume:
+        if not overwrite:
+            raise UserError(f"{out}: already exists; pass --resume to continue its search or --overwrite to start over")
+        import shutil
+
+        shutil.rmtree(out)
+    if resume and not journal.is_file():
+        say(f"{journal}: no search to resume; starting one")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "tune_config.yaml")
+    strategies = strategies_for(cfg)
+    limits = {name: spec.max_drop for name, spec in cfg.data.keep.items() if spec.max_drop is not None}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=cfg.tune.seed, n_startup_trials=max(len(strategies), min(10, cfg.tune.trials // 2)))
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    study = optuna.create_study(study_name=STUDY, storage=storage, sampler=sampler, directions=["maximize", "maximize"],
+                                load_if_exists=True)
+    if not study.trials:
+        for params in advised_starts(strategies)[: cfg.tune.trials]:
+            study.enqueue_trial(params)
+    # an interrupted trial (a killed search): its run goes on from its checkpoint, under its number
+    for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        _finish_trial(study, storage, cfg, frozen.number, frozen.params, out, limits, say, resume=True)
+    while len([t for t in study.trials if t.state.is_finished()]) < cfg.tune.trials:
+        trial = study.ask()
+        params = suggest(trial, strategies, cfg.tune.lr_range)
+        _finish_trial(study, storage, cfg, trial.number, params, out, limits, say, resume=False)
+    return _write_result(study, cfg, out, limits)
+
+
+def _trial_dir(out: Path, number: int, strategy: str) -> Path:
+    return out / "trials" / f"{number:04d}-{strategy}"
+
+
+def _finish_trial(study, storage, cfg: RunConfig, number: int, params: dict, out: Path, limits: dict, say, resume: bool) -> None:
+    """Run (or go on with) trial ``number`` in its own process and tell the study its objectives."""
+    import optuna
+
+    full = dict(params)
+    if "strategy" not in full:  # an enqueued trial's params as Optuna stored them
+        raise UserError(f"tune trial {number}: no strategy in its parameters; start the search again with --overwrite")
+    run_dir = _trial_dir(out, number, full["strategy"])
+    tcfg = trial_config(cfg, full, run_dir)
+    summary = _run_trial(tcfg, run_dir, resume=resume or run_dir.exists())
+    if summary is None:
+        say(f"trial {number} ({_label(full)}): failed; see {run_dir}")
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
+        return
+    learned, kept = objectives(summary)
+    excess = budget_excess(summary, limits) if limits else -math.inf
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(STUDY), number)
+    value = excess if math.isfinite(excess) else -1.0
+    storage.set_trial_user_attr(trial_id, "budget_excess", value)
+    optuna.trial.Trial(study, trial_id).set_constraint("budget", value)  # <= 0: feasible, for the sampler
+    stopped = (summary.get("train", {}).get("budget") or {}).get("stopped_at")
+    study.tell(number, [learned, kept])
+    flag = "" if excess <= 0 else f", over budget by {excess:.3f}" + (f" (stopped at step {stopped})" if stopped else "")
+    say(f"trial {number} ({_label(full)}): learned {learned:.3f}, kept {kept:.3f}{flag}")
+
+
+def _run_trial(tcfg: RunConfig, run_dir: Path, resume: bool) -> Optional[dict]:
+    """One trial's training run in a child process; its summary.json, or None when it failed."""
+    done = run_dir / SUMMARY_FILE
+    if done.is_file():
+        return json.loads(done.read_text(encoding="utf-8"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_file = run_dir.parent / f"{run_dir.name}.yaml"
+    save_config(tcfg, cfg_file)
+    cmd = [sys.executable, "-m", "forgetless", "train", str(cfg_file)]
+    if resume and any(p for p in run_dir.iterdir()):
+        cmd.append("--resume")
+    else:
+        cmd.append("--overwrite")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not done.is_file():
+        (run_dir.parent / f"{run_dir.name}.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
+        return None
+    return json.loads(done.read_text(encoding="utf-8"))
+
+
+def _label(params: dict) -> str:
+    parts = [params["strategy"]] + [f"{k.split('.', 1)[1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
+                                    for k, v in params.items() if "." in k]
+    parts.append(f"lr x{params.get('lr_factor', 1.0):.2g}")
+    return " ".join(parts)
+
+
+def _write_result(study, cfg: RunConfig, out: Path, limits: dict) -> dict:
+    import optuna
+
+    trials = []
+    for t in study.trials:
+        row = {"number": t.number, "state": t.state.name, "params": dict(t.params), "label": _label(t.params) if t.params else ""}
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            excess = t.user_attrs.get("budget_excess", -1.0)
+            run_dir = _trial_dir(out, t.number, t.params["strategy"])
+            summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+            row.update({"learned": t.values[0], "kept": t.values[1], "feasible": excess <= 0, "budget_excess": excess if limits else None,
+                        "steps": summary.get("train", {}).get("steps"), "run_dir": str(run_dir)})
+        trials.append(row)
+    done = [t for t in trials if "learned" in t]
+    front = pareto_front({t["number"]: (t["learned"], t["kept"]) for t in done if t["feasible"]})
+    chosen = choose(trials, bool(limits))
+    result = {"strategies": strategies_for(cfg), "objectives": ["learned", "kept"], "limits": limits, "trials": trials,
+              "front": front, "chosen": chosen["number"] if chosen else None,
+              "training_steps": sum(t["steps"] or 0 for t in done)}
+    (out / TUNE_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    if chosen is not None:
+        best = trial_config(cfg, dict(study.trials[chosen["number"]].params), Path(cfg.output.dir) / "best")
+        raw = to_dict(best)  # the trial's own config (output.dir aside): training it gives the trial's numbers again
+        (out / BEST_FILE).write_text("# chosen by forgetless tune: " + chosen["label"] + "\n" + yaml.safe_dump(raw, sort_keys=False),
+                                     encoding="utf-8")
+    return result
+
+
+__all__ = ["tune", "objectives", "budget_excess", "pareto_front", "choose", "strategies_for", "advised_starts", "trial_config",
+           "TUNE_STRATEGIES"]

@@ -1,0 +1,108 @@
+"""forgetless tune: the objectives and the choice by hand, a small search, and a killed search resumed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import forgetless
+from forgetless.cli import main
+from forgetless.recipes.tune import advised_starts, budget_excess, choose, objectives, pareto_front, strategies_for, trial_config
+from tests.conftest import FAST_MODEL
+
+SUMMARY = {
+    "sets": [{"set": "task", "role": "new"}, {"set": "caps", "role": "keep"}, {"set": "prose", "role": "keep"}],
+    "data": {"task": {"higher_is_better": True}, "caps": {"higher_is_better": True}, "prose": {"higher_is_better": False}},
+    "before": {"task": {"score": 0.1}, "caps": {"score": 0.8}, "prose": {"score": 20.0}},
+    "after": {"task": {"score": 0.6}, "caps": {"score": 0.4}, "prose": {"score": 25.0}},
+}
+
+
+def test_objectives_and_the_budget_excess_by_hand():
+    learned, kept = objectives(SUMMARY)
+    assert learned == pytest.approx(0.6)
+    assert kept == pytest.approx((0.4 / 0.8 + 20 / 25) / 2)
+    assert budget_excess(SUMMARY, {"caps": 0.3}) == pytest.approx(0.1)  # dropped 0.4, may drop 0.3
+    assert budget_excess(SUMMARY, {"prose": 0.3}) == pytest.approx(-0.05)  # 25% higher, may be 30%
+
+
+def test_the_front_and_the_choice():
+    pts = {0: (0.5, 0.5), 1: (0.6, 0.4), 2: (0.4, 0.4), 3: (0.5, 0.6)}
+    assert pareto_front(pts) == [1, 3]
+    trials = [{"number": n, "learned": x, "kept": y, "feasible": n != 1} for n, (x, y) in pts.items()]
+    assert choose(trials, budgeted=True)["number"] == 3  # 1 is over budget; of the feasible front, 3 learned the most
+    assert choose(trials, budgeted=False)["number"] == 3
+    assert choose([{"number": 0, "learned": 0.1, "kept": 0.1, "feasible": False}], budgeted=True) is None
+
+
+def test_auto_strategies_follow_what_the_user_has():
+    cfg = forgetless.load_config(None, ["model.name_or_path=tiny", "data.train=demo:elements"])
+    assert strategies_for(cfg) == ["lora", "kl", "l2sp", "full"]
+    cfg = forgetless.load_config(None, ["model.name_or_path=tiny", "data.train=demo:elements", "tune.old_data=demo:capitals",
+                                        "tune.general_data=demo:general"])
+    assert strategies_for(cfg) == ["lora", "kl", "l2sp", "full", "mix", "replay", "ewc"]
+    assert [s["strategy"] for s in advised_starts(strategies_for(cfg))] == ["lora", "kl", "mix", "replay", "ewc", "l2sp", "full"]
+    t = trial_config(cfg, {"strategy": "replay", "replay.ratio": 0.3, "lr_factor": 2.0}, cfg.output.dir)
+    assert list(t.methods) == ["replay"] and t.methods["replay"].ratio == 0.3 and t.train.lr == pytest.approx(cfg.train.lr * 2)
+    lora = trial_config(cfg, {"strategy": "lora", "lora.r": 8, "lr_factor": 1.0}, cfg.output.dir)
+    assert lora.methods["lora"].r == 8 and lora.train.lr == pytest.approx(cfg.train.lr * 10)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["tune.strategies=[dora]"], "'dora' is not searchable"),
+    (["tune.strategies=[replay]"], "replay needs tune.old_data"),
+    (["tune.trials=0"], "trials must be at least 1"),
+])
+def test_tune_options_are_checked(overrides, message, capsys):
+    assert main(["tune", "model.name_or_path=tiny", "data.train=demo:elements", *overrides]) == 2
+    assert message in capsys.readouterr().err
+
+
+def options(out):
+    return [*FAST_MODEL, f"output.dir={out}", "data.train={path: demo:elements, limit: 16}",
+            "data.eval.elements={path: demo:elements, limit: 8}", "data.keep.capitals={path: demo:capitals, limit: 8, max_drop: 0.5}",
+            "train.max_steps=3", "train.micro_batch_size=8", "train.lr=1e-3", "data.max_length=48", "eval.generation=false",
+            "tune.trials=3", "tune.strategies=[lora, kl, l2sp]", "output.checkpoint_every=1"]
+
+
+@pytest.mark.slow
+def test_a_small_search_writes_the_front_and_the_chosen_config(tmp_path, capsys):
+    out = tmp_path / "tune"
+    assert main(["tune", *options(out)]) == 0
+    result = json.loads((out / "tune.json").read_text())
+    assert [t["state"] for t in result["trials"]] == ["COMPLETE"] * 3
+    assert [t["params"]["strategy"] for t in result["trials"]] == ["lora", "kl", "l2sp"]  # the advised starts first
+    assert result["limits"] == {"capitals": 0.5} and result["chosen"] in result["front"]
+    for t in result["trials"]:
+        summary = json.loads((tmp_path / t["run_dir"] / "summary.json").read_text())
+        assert (t["learned"], t["kept"]) == pytest.approx(objectives(summary))
+    best = forgetless.load_config(out / "best.yaml")  # a config the user can train
+    chosen = result["trials"][result["chosen"]]
+    assert list(best.methods) == [chosen["params"]["strategy"]] and best.budget.patience == 2  # the trial's own config
+    assert f"chosen: trial {result['chosen']}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_with_its_finished_trials(tmp_path):
+    out = tmp_path / "tune"
+    cmd = [sys.executable, "-m", "forgetless", "tune", *options(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(out.glob("trials/0001-*/metrics.jsonl")):
+            time.sleep(0.2)
+        assert list(out.glob("trials/0000-*/summary.json")), "the first trial did not finish in time"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the search and the trial it runs
+        proc.wait()
+    first = next(out.glob("trials/0000-*/summary.json"))
+    written = first.stat().st_mtime_ns
+    assert main(["tune", *options(out), "--resume"]) == 0
+    result = json.loads((out / "tune.json").read_text())
+    assert [t["state"] for t in result["trials"]] == ["COMPLETE"] * 3
+    assert first.stat().st_mtime_ns == written  # the finished trial was kept, not run again
+    assert len(list(out.glob("trials/*/summary.json"))) == 3
