@@ -11,9 +11,12 @@ strengths the sampler picks (its ``methods`` replace the config's), in a process
   each capped at 1), as in the real-model benchmark.
 
 A forgetting budget in the config (``data.keep.NAME.max_drop``) is a constraint: a trial over it
-is infeasible (Optuna's trial constraints), and every trial runs with ``budget.control=false``
-and ``budget.patience=2``, so a trial that is over budget twice in a row stops early: the budget
-prunes it. The sampler is Optuna's multi-objective TPE; its first trials are the field's advice
+is infeasible (Optuna's trial constraints). A trial whose strategy has a strength the budget's
+controller can move (kl, l2sp, ewc, mix, replay) runs with the controller on, starting from the
+sampled strength (the sampler then searches where the controller starts, and the learning
+rate); any other trial (LoRA, plain full fine-tuning)
+runs with ``budget.patience=2``, so when it is over budget twice in a row it stops early: the
+budget prunes it. The sampler is Optuna's multi-objective TPE; its first trials are the field's advice
 for what the user has (LoRA; full fine-tuning with a KL anchor; general data mixed in; replay of
 old data; EWC on old data), then it explores. The study is an Optuna journal file
 (``OUTPUT/tune.journal``): ``--resume`` keeps every finished trial and continues an interrupted
@@ -22,8 +25,8 @@ one from its checkpoint.
 The result: ``OUTPUT/tune.json`` (every trial, the Pareto front, the chosen one) and
 ``OUTPUT/best.yaml``, the chosen trial's config (training it gives the trial's numbers again):
 the front's trial that learned the most inside the budget (without a budget, the most learned +
-kept). The search itself runs with ``budget.control=false`` (the strengths are what it searches),
-unless the config sets it.
+kept). The config itself is read with ``budget.control=false`` (a strategy without a strength,
+like LoRA, has nothing to control), unless it sets it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from forgetless.config import RunConfig, config_from_dict, save_config, to_dict
 from forgetless.config.schema import TUNE_STRATEGIES
 from forgetless.errors import UserError
 from forgetless.files import SUMMARY_FILE
+from forgetless.registry import REGISTRY, STRENGTH
 
 TUNE_FILE = "tune.json"
 BEST_FILE = "best.yaml"
@@ -160,7 +164,10 @@ def trial_config(cfg: RunConfig, params: dict, run_dir: Path) -> RunConfig:
     raw["train"]["lr"] = lr
     raw["output"].update({"dir": str(run_dir), "overwrite": False, "resume": False, "progress": False})
     if any(spec.max_drop is not None for spec in cfg.data.keep.values()):
-        raw["budget"].update({"control": False, "patience": 2, "restore": False})
+        # a strength the budget's controller can move starts where the sampler put it, and the
+        # controller keeps the trial inside the budget; any other trial over it twice in a row stops
+        controlled = bool(methods) and all(REGISTRY[m].has(STRENGTH) for m in methods)
+        raw["budget"].update({"control": controlled, "patience": 0 if controlled else 2, "restore": False})
     return config_from_dict(raw)
 
 
