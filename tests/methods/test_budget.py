@@ -34,6 +34,10 @@ def test_the_signal_is_logged_every_n_steps(scenario):
     assert 0 < kls[0] < kls[-1]  # the model moves away from where it started
     assert records[-1]["drop"]["capitals"] > 0  # and forgets
     assert result.train["budget"] == {"every_steps": 6, "checks": 3, "limits": {}}
+    from forgetless.report import write_report
+
+    html = write_report(result.run_dir)["html"].read_text()
+    assert "Forgetting budget" in html and "online KL" in html
 
 
 def test_the_controller_raises_the_protection_and_ends_inside_the_budget(scenario):

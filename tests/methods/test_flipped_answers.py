@@ -33,6 +33,10 @@ def test_a_run_lists_the_answers_it_lost_and_gained(scenario):
     assert summary["flips"]["capitals"]["lost"] == len(capitals["lost"])
     assert result.flips == summary["flips"]
     assert "Flipped answers" in (result.run_dir / "summary.md").read_text()
+    from forgetless.report import write_report
+
+    html = write_report(result.run_dir)["html"].read_text()
+    assert "Flipped answers" in html and "lost answers" in html
 
 
 def test_a_resumed_run_writes_the_same_flips(scenario):
