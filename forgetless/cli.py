@@ -13,6 +13,7 @@ from typing import Optional
 
 from forgetless import __version__
 from forgetless.errors import UserError
+from forgetless.support import check_backend
 
 DESCRIPTION = """\
 Fine-tune Hugging Face causal language models without catastrophic forgetting, and prove it:
@@ -68,9 +69,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.overwrite:
             raise UserError("--resume and --overwrite exclude each other: --resume continues the run in the output directory, --overwrite replaces it")
         overrides.append("output.resume=true")
-    if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+    _check_launch(args)
+    if ((args.nproc and args.nproc > 1) or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
         cfg = load_config(config, overrides)  # validate before starting processes
-        return _relaunch(args.nproc, args.argv)
+        check_backend(cfg, {**os.environ, "WORLD_SIZE": str((args.nproc or 1) * args.nnodes)})
+        return _relaunch(args)
     cfg = load_config(config, overrides)
     result = train(cfg)
     if _is_main():
@@ -80,21 +83,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _relaunch(nproc: int, argv: list[str]) -> int:
-    """Run this same command under torchrun with ``nproc`` processes (gloo on CPU)."""
+LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port")
+
+
+def _check_launch(args: argparse.Namespace) -> None:
+    """One-line errors for launch options that cannot work."""
+    if args.nproc is not None and args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc}: give the number of processes on this node, at least 1")
+    if args.nnodes < 1:
+        raise UserError(f"--nnodes {args.nnodes}: give the number of nodes, at least 1")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise UserError(f"--node-rank {args.node_rank}: give this node's index, 0 to {args.nnodes - 1}")
+    if args.nnodes > 1 and not args.master_addr:
+        raise UserError(f"--nnodes {args.nnodes}: give --master-addr, the address of node 0 that every node can reach")
+    if args.nnodes == 1 and (args.master_addr or args.node_rank):
+        raise UserError("--master-addr and --node-rank go with --nnodes above 1 (a run over several machines)")
+    if not 1 <= args.master_port <= 65535:
+        raise UserError(f"--master-port {args.master_port}: give a TCP port, 1-65535")
+
+
+def _relaunch(args: argparse.Namespace) -> int:
+    """Run this same command under torchrun: ``--nproc`` processes on this node (gloo on CPU), on
+    ``--nnodes`` nodes rendezvousing at ``--master-addr`` when there are several."""
     clean, skip = [], False
-    for a in argv:
+    for a in args.argv:
         if skip:
             skip = False
-        elif a == "--nproc":
+        elif a in LAUNCH_FLAGS:
             skip = True
-        elif not a.startswith("--nproc="):
+        elif not a.startswith(tuple(f + "=" for f in LAUNCH_FLAGS)):
             clean.append(a)
     env = dict(os.environ)
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # single-node runs talk over loopback
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "forgetless.cli", *clean]
-    return subprocess.call(cmd, env=env)
+    nproc = args.nproc or 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    if args.nnodes > 1:
+        cmd += [f"--nnodes={args.nnodes}", f"--node_rank={args.node_rank}", f"--master_addr={args.master_addr}",
+                f"--master_port={args.master_port}"]
+    else:
+        cmd.append("--standalone")
+        if sys.platform.startswith("linux"):
+            env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # single-node runs talk over loopback
+    return subprocess.call([*cmd, "-m", "forgetless.cli", *clean], env=env)
 
 
 def cmd_continual(args: argparse.Namespace, compare: bool = False) -> int:
@@ -401,7 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in the output directory from its latest checkpoint, with the same config (output.resume=true)")
-    p.add_argument("--nproc", type=int, default=None, help="processes to train with (launches torchrun; CPU uses gloo)")
+    p.add_argument("--nproc", type=int, default=None, help="processes to train with on this node (launches torchrun; CPU uses gloo)")
+    p.add_argument("--nnodes", type=int, default=1, help="machines in the run (default 1); run the same command on each, with its --node-rank")
+    p.add_argument("--node-rank", type=int, default=0, help="with --nnodes: this machine's index, 0 .. nnodes-1")
+    p.add_argument("--master-addr", help="with --nnodes: the address of node 0, reachable from every node")
+    p.add_argument("--master-port", type=int, default=29500, help="with --nnodes: node 0's rendezvous port (default 29500)")
     p.set_defaults(func=cmd_train)
 
     for name, helptext, description in (

@@ -45,6 +45,9 @@ CAPABILITIES = (ADAPTER, FREEZES_BASE, SELECTS_WEIGHTS, DATA_STREAM, STARTS_AT_B
 
 TASK_STREAM = "task"  # the training data's own stream in every batch
 
+# Where a method may run (forgetless/support.py: the support table and the refusals made from it).
+BACKENDS = ("single", "ddp", "fsdp2", "fsdp1", "zero2", "zero3", "qlora")
+
 
 @dataclass
 class MethodSpec:
@@ -55,6 +58,7 @@ class MethodSpec:
     phase: str
     provides: dict[str, str] = field(default_factory=dict)
     prefix: tuple[str, ...] = ()  # every parameter the method adds has a name part starting with one of them
+    backends: tuple[str, ...] = ("single", "ddp")  # where it is known to be right (forgetless/support.py); elsewhere refused
 
     def has(self, capability: str) -> bool:
         return capability in self.provides
@@ -118,6 +122,7 @@ def register(
     phase: str = REGULARIZE,
     provides: Optional[Mapping[str, str]] = None,
     prefix: str | tuple[str, ...] = (),
+    backends: tuple[str, ...] = ("single", "ddp"),
 ) -> MethodSpec:
     """Make a method available as ``methods.NAME``. A name already taken is refused, and so is a parameter
     prefix that another method could add in the same run (two adapter methods never share a run)."""
@@ -142,7 +147,10 @@ def register(
                     raise ValueError(f"method {name!r}: parameter prefix {mine!r} clashes with {other.name!r}'s {theirs!r}")
     if getattr(build, "name", name) != name:
         raise ValueError(f"method {name!r}: its class says name = {build.name!r}; use the same name in both")
-    spec = MethodSpec(name, config, build, summary, phase, provides, prefix)
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown:
+        raise ValueError(f"method {name!r}: unknown backends {', '.join(unknown)}; known: {', '.join(BACKENDS)}")
+    spec = MethodSpec(name, config, build, summary, phase, provides, prefix, tuple(backends))
     REGISTRY._specs[name] = spec
     return spec
 

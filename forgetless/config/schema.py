@@ -137,6 +137,12 @@ class ModelConfig:
         "always loads without building a random-init copy first (what low_cpu_mem_usage did).",
     )
     tiny: TinyModelConfig = option(factory=TinyModelConfig, help="Shape of the built-in tiny model.")
+    load_in_4bit: bool = option(
+        False,
+        "QLoRA: load the base in 4 bits (bitsandbytes NF4, double quantisation, compute in bfloat16) and prepare it "
+        "for training with PEFT's prepare_model_for_kbit_training; only adapters train (needs methods.lora), with the "
+        "methods the README's support table marks for QLoRA. Needs a CUDA GPU and pip install bitsandbytes.",
+    )
 
 
 def names_template_file(value) -> bool:
@@ -350,8 +356,15 @@ class TrainConfig:
         "and logged; after this many such steps in a row the run stops with a checkpoint of its last finite state. "
         "null = never stop.",
     )
+    dist_timeout_s: int = option(
+        1800,
+        "With several processes: how long a collective (an all-reduce, a barrier) may wait for the others before the "
+        "run fails instead of hanging (the process group's timeout; torch's default is 10 minutes on NCCL, 30 on gloo).",
+    )
 
     def validate(self, where: str) -> None:
+        if self.dist_timeout_s < 1:
+            raise ConfigError(f"{where}.dist_timeout_s must be at least 1 second, got {self.dist_timeout_s}")
         if self.max_nonfinite_steps is not None and self.max_nonfinite_steps < 1:
             raise ConfigError(f"{where}.max_nonfinite_steps must be at least 1 or null, got {self.max_nonfinite_steps}")
         for name in ("micro_batch_size", "grad_accum_steps"):

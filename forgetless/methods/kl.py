@@ -199,4 +199,5 @@ register(
     "Distillation to the base model (LwF): KL(base ‖ model) on training or general data; no weight copy with adapters.",
     phase=REGULARIZE,
     provides={STARTS_AT_BASE: "", STRENGTH: ""},
+    backends=("single", "ddp", "qlora"),  # on a 4-bit base the teacher is the adapters-off model
 )

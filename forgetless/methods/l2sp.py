@@ -64,4 +64,4 @@ class L2SP(Method):
 
 
 register("l2sp", L2SPConfig, L2SP, "L2-SP: a squared-distance penalty pulling the weights toward their starting values.",
-         phase=REGULARIZE, provides={STARTS_AT_BASE: "", STRENGTH: ""})
+         phase=REGULARIZE, provides={STARTS_AT_BASE: "", STRENGTH: ""}, backends=("single", "ddp", "qlora"))  # on a 4-bit base: the adapters

@@ -247,6 +247,10 @@ class Lora(Method):
             examples, name = corda_examples(cfg, ctx)
             corda_covariance(model, peft_cfg, examples)
             init_facts = {"corda_mode": cfg.corda_mode, "corda_data": name, "corda_samples": len(examples)}
+        if getattr(model, "is_loaded_in_4bit", False):  # QLoRA (model.load_in_4bit): PEFT's k-bit preparation first
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
         model = wrap_peft(model, peft_cfg, "methods.lora")
         if cfg.init in MOVING_INITS:
             # (A0, B0), for the conversion to a plain LoRA on the original base at save (forgetless/models/saving.py).
@@ -283,4 +287,5 @@ register(
         STARTS_AT_BASE: "",
     },
     prefix=("lora_", "modules_to_save"),
+    backends=("single", "ddp", "qlora"),  # QLoRA: the adapter on a 4-bit base
 )

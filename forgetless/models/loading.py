@@ -101,6 +101,9 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int = 0):
     """The causal LM of ``cfg``. A PEFT adapter directory loads onto its base model."""
     from transformers import AutoModelForCausalLM
 
+    if cfg.load_in_4bit and (cfg.name_or_path == "tiny" or model_gguf(cfg.name_or_path, cfg.gguf_file) is not None):
+        raise UserError("model.load_in_4bit quantises a pretrained safetensors checkpoint while loading; the tiny model and "
+                        ".gguf files cannot be loaded that way (use a hub id or a model folder)")
     if cfg.name_or_path == "tiny":
         from forgetless.models.tiny import build_tiny_model
 
@@ -129,7 +132,7 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int = 0):
             dtype=_DTYPES[cfg.dtype],
             local_files_only=local is not None,
             weights_only=True,  # a .bin checkpoint is read as tensors only, never as arbitrary pickle
-            **_placement(cfg),
+            **{**_placement(cfg), **_quantization(cfg)},
         )
     except UnpicklingError:
         raise UserError(_REFUSED_PICKLE.format(name=name)) from None
@@ -138,6 +141,22 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int = 0):
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _quantization(cfg: ModelConfig) -> dict:
+    """QLoRA's 4-bit base (Dettmers et al. 2023): NF4 weights, double quantisation, bfloat16 compute."""
+    if not cfg.load_in_4bit:
+        return {}
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("model.load_in_4bit needs bitsandbytes: pip install bitsandbytes (on a machine with a CUDA GPU)") from None
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                                      bnb_4bit_compute_dtype=torch.bfloat16),
+            "device_map": cfg.device_map or {"": torch.cuda.current_device()}}
 
 
 def _placement(cfg: ModelConfig) -> dict:

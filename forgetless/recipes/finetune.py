@@ -63,6 +63,7 @@ from forgetless.models.card import serving_notes, write_model_card
 from forgetless.models.saving import save_model
 from forgetless.progress import TrainProgress, console
 from forgetless.recipes.budget import Budget
+from forgetless.support import check_backend
 from forgetless.registry import REGISTRY, TASK_STREAM
 from forgetless.rundir import check_run_dir, prepare_run_dir, write_summary
 
@@ -184,6 +185,7 @@ def train(cfg: RunConfig) -> RunResult:
     from accelerate.utils import ProjectConfiguration, set_seed
 
     cfg.validate()
+    check_backend(cfg)  # FSDP, DeepSpeed, a 4-bit base: refused where a part is not known to be right, before anything loads
     trackers = _trackers(cfg)
     if os.environ.get("RANK", "0") == "0":  # the process that will create the run directory says, before minutes of loading
         check_run_dir(Path(cfg.output.dir), cfg.output.overwrite, resume=cfg.output.resume)
@@ -199,7 +201,12 @@ def train(cfg: RunConfig) -> RunResult:
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
     accelerator = Accelerator(
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))],
         cpu=multi_process and not torch.cuda.is_available(),
         mixed_precision=_mixed_precision(cfg.train.mixed_precision),
         log_with=trackers or None,
@@ -208,6 +215,7 @@ def train(cfg: RunConfig) -> RunResult:
     try:
         if multi_process and accelerator.num_processes == 1:
             raise UserError("launched as several processes, but they did not form a process group; check the launcher (use --nproc or torchrun)")
+
         return _run(cfg, accelerator, trackers, set_seed)
     finally:
         accelerator.end_training()  # also destroys the process group, so multi-process runs exit cleanly
@@ -301,7 +309,7 @@ def _setup(cfg: RunConfig, accelerator, trackers: list[str], ckpt: Optional[Chec
     tokenizer = load_tokenizer(cfg.model)
     train_examples, train_stats, eval_sets = prepare_data(cfg, tokenizer)
     model = load_model(cfg.model, tokenizer, seed=t.seed)
-    if cfg.model.device_map is None:
+    if cfg.model.device_map is None and not cfg.model.load_in_4bit:  # a 4-bit model is placed while it loads
         model = model.to(accelerator.device)  # methods compute on it before prepare()
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and cfg.data.max_length > context:

@@ -1,0 +1,106 @@
+"""The forgetting budget on the real model (issue 13): SmolLM2-135M-Instruct learns Esperanto numbers.
+
+The task, probes and runs are those of benchmarks/real_model.py (forgetless/demo/real.py), on the
+test split, without the lm-eval task (for time). The budget: the capitals the base knew may fall
+by at most ``--max-drop`` (contains, absolute). The protection is synthetic replay, whose batch
+share the controller moves.
+
+(a) For plain full fine-tuning and a 5-point grid of fixed replay shares: the online KL and the
+    capitals sample's drop at the checks, against the final capitals drop (Spearman).
+(b) A budgeted run (replay share 0.25 to start, the controller on) against the grid: inside the
+    budget (at most 2 points over)? Does it learn at least as much as the best grid run inside?
+
+    forgetless fetch smollm2
+    python benchmarks/real_model_budget.py --json benchmarks/real_model_budget.json   # about 25 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import real_model  # noqa: E402  (the benchmark next to this file: its run_row)
+from budget import spearman  # noqa: E402  (benchmarks/budget.py)
+
+import forgetless.demo.real as real  # noqa: E402
+from forgetless.demo.real import prepare  # noqa: E402
+
+GRID = [0.1, 0.25, 0.4, 0.5, 0.6]
+REPLAY = {"prompts": "@replay_prompts", "num_samples": 48, "temperature": 0.0, "max_new_tokens": 48}
+
+
+def config(probes, name: str, methods: dict, budget: dict, max_drop: float, out: Path) -> dict:
+    cfg = real.run_config(probes, methods, {}, split="test", before=True, run_dir=out / name, harness=False)
+    cfg["data"]["keep"]["capitals"]["max_drop"] = max_drop
+    cfg["budget"] = budget
+    return cfg
+
+
+def checks(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{"step": r["step"], **r["budget"]} for r in map(json.loads, lines) if "budget" in r and r["budget"].get("action") != "end"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="the .gguf file or model folder (default: forgetless fetch smollm2's file)")
+    ap.add_argument("--out", type=Path, default=Path("runs/real_model_budget"))
+    ap.add_argument("--max-drop", type=float, default=0.5)
+    ap.add_argument("--every", type=int, default=5, help="budget.every_steps")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    if args.model is None:
+        from forgetless.models.fetch import fetch
+
+        args.model = str(fetch("smollm2"))
+    args.out = args.out.resolve()
+    t0 = time.perf_counter()
+    probes = prepare(args.out, args.model)
+    fixed = {"every_steps": args.every, "keep_sample": 16, "control": False, "patience": 0, "restore": False}
+    runs = {"full fine-tuning": ({}, fixed)}
+    for share in GRID:
+        runs[f"replay {share}"] = ({"synthetic_replay": {**REPLAY, "ratio": share}}, fixed)
+    runs["budgeted (replay 0.25 to start)"] = ({"synthetic_replay": {**REPLAY, "ratio": 0.25}},
+                                               {"every_steps": args.every, "keep_sample": 16, "restore": False})
+    rows = []
+    for name, (methods, budget) in runs.items():
+        slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+        cfg = config(probes, slug, methods, budget, args.max_drop, args.out)
+        row = real_model.run_row(args.out, name, cfg, args.threads)
+        s = row["summary"]
+        c = checks(Path(cfg["output"]["dir"]))
+        b = s["train"].get("budget", {})
+        rows.append({"name": name, "learned": s["after"]["esperanto"]["exact_match"],
+                     "capitals_before": s["before"]["capitals"]["score"], "capitals_after": s["after"]["capitals"]["score"],
+                     "drop": s["before"]["capitals"]["score"] - s["after"]["capitals"]["score"],
+                     "kl_mean": sum(x["kl"] for x in c) / len(c) if c else None, "sample_drop_last": c[-1]["drop"].get("capitals") if c else None,
+                     "train_s": s["train"]["train_time_s"], "wall_s": row["wall_s"], "strength_end": b.get("strength"),
+                     "shares_end": b.get("shares"), "changes": b.get("changes")})
+        r = rows[-1]
+        print(f"{name:34s} learned {r['learned']:.2f}  capitals {r['capitals_before']:.2f} -> {r['capitals_after']:.2f} (drop {r['drop']:+.2f})"
+              f"  KL mean {r['kl_mean']:.3f}  ({r['wall_s']:.0f} s)", flush=True)
+    fixed_rows = [r for r in rows if not r["name"].startswith("budgeted")]
+    final = [r["drop"] for r in fixed_rows]
+    signal = {"spearman_kl_mean": spearman([r["kl_mean"] for r in fixed_rows], final),
+              "spearman_sample_drop": spearman([r["sample_drop_last"] for r in fixed_rows], final)}
+    inside = [r for r in fixed_rows if r["drop"] <= args.max_drop]
+    best = max(inside, key=lambda r: r["learned"], default=None)
+    budgeted = rows[-1]
+    verdict = {"budgeted_within_2_points": budgeted["drop"] <= args.max_drop + 0.02,
+               "best_grid_inside": best["name"] if best else None,
+               "budgeted_learns_at_least_as_much": best is None or budgeted["learned"] >= best["learned"]}
+    print(f"Spearman with the final capitals drop: KL (mean of checks) {signal['spearman_kl_mean']:.2f}, "
+          f"capitals sample's drop {signal['spearman_sample_drop']:.2f}; {verdict}")
+    if args.json:
+        args.json.write_text(json.dumps({"max_drop": args.max_drop, "every_steps": args.every, "rows": rows, "signal": signal,
+                                         "verdict": verdict, "total_s": round(time.perf_counter() - t0)}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The support table and the refusals made from the same declarations (forgetless/support.py)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+import forgetless
+from forgetless.cli import main
+from forgetless.errors import UserError
+from forgetless.registry import register
+from forgetless.support import check_backend, requested_backends, support_table, unsupported
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+TINY = ["model.name_or_path=tiny", "data.train=demo:elements"]
+
+
+def test_the_readme_table_is_the_declarations():
+    text = README.read_text(encoding="utf-8")
+    assert support_table() in text, "README.md's support table differs from forgetless.support.support_table(); paste its output"
+
+
+def test_backends_from_the_launchers_environment():
+    assert requested_backends({}) == ["single"]
+    assert requested_backends({"WORLD_SIZE": "4"}) == ["ddp"]
+    assert requested_backends({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "WORLD_SIZE": "2"}) == ["fsdp2"]
+    assert requested_backends({"ACCELERATE_USE_FSDP": "true"}) == ["fsdp1"]
+    assert requested_backends({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}) == ["zero3"]
+    assert requested_backends({"ACCELERATE_USE_DEEPSPEED": "1"}) == ["zero2"]
+    assert requested_backends({}, load_in_4bit=True) == ["single", "qlora"]
+
+
+def test_what_is_refused_and_why():
+    assert unsupported([], ["single"]) is None and unsupported(["ewc", "lora"], ["ddp"]) is None
+    assert unsupported([], ["fsdp2"]) == "plain full fine-tuning does not run on FSDP2"
+    assert unsupported(["lora", "moe_lora"], ["zero3"]) == "methods.lora does not run on ZeRO-3"
+    assert unsupported(["lora", "kl", "replay"], ["single", "qlora"]) is None
+    assert unsupported(["kl"], ["single", "qlora"]) == "a 4-bit base trains only adapters: add methods.lora"
+    assert unsupported(["lora", "bottleneck"], ["single", "qlora"]) == "methods.bottleneck does not run on QLoRA"
+
+
+@pytest.mark.parametrize("env, overrides, message", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, [], "plain full fine-tuning does not run on ZeRO-2"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["methods.ewc.weight=1"], "methods.ewc does not run on FSDP2"),
+    ({}, ["model.load_in_4bit=true", "methods.lora.r=8"], "needs a CUDA GPU"),
+])
+def test_check_backend_refuses_in_one_line(env, overrides, message):
+    cfg = forgetless.load_config(None, [*TINY, *overrides])
+    with pytest.raises(UserError) as e:
+        check_backend(cfg, env)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_deepspeed_launch_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    out = tmp_path / "run"
+    assert main(["train", *TINY, f"output.dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "does not run on ZeRO-2" in err and "forgetless does not run under FSDP or DeepSpeed yet" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_a_method_declares_only_known_backends():
+    from forgetless.methods.base import Method
+
+    class Odd(Method):
+        name = "odd_backend_method"
+
+    with pytest.raises(ValueError, match="unknown backends tpu"):
+        register("odd_backend_method", object, Odd, "x", backends=("single", "tpu"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--nproc", "0"], "--nproc 0: give the number of processes"),
+    (["--nnodes", "2"], "give --master-addr"),
+    (["--nnodes", "2", "--node-rank", "2", "--master-addr", "10.0.0.1"], "--node-rank 2: give this node's index, 0 to 1"),
+    (["--master-addr", "10.0.0.1"], "go with --nnodes above 1"),
+    (["--nnodes", "2", "--master-addr", "h", "--master-port", "0"], "--master-port 0"),
+])
+def test_launch_options_are_checked(flags, message, capsys):
+    assert main(["train", *TINY, *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_a_multi_node_launch_builds_the_torchrun_command(monkeypatch):
+    import forgetless.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: seen.update(cmd=cmd, env=env) or 0)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert main(["train", *TINY, "--nproc", "2", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1",
+                 "--master-port", "29600"]) == 0
+    cmd = " ".join(seen["cmd"])
+    assert re.search(r"--nproc_per_node=2 --nnodes=2 --node_rank=1 --master_addr=10.0.0.1 --master_port=29600 -m forgetless.cli train", cmd)
+    assert "--standalone" not in cmd and "--nnodes 2" not in cmd.split("forgetless.cli")[1]
