@@ -72,7 +72,7 @@ def child(args: argparse.Namespace) -> None:
             f"data.train={args.data}", f"output.dir={tmp}/run", "output.progress=false", "output.log_every=1",
             "output.save_model=false", "eval.before=false", "eval.generation=false", "eval.max_examples=8",
             f"train.max_steps={args.steps}", f"train.micro_batch_size={args.batch}", "train.lr=1e-4", f"data.max_length={args.max_length}",
-            *overrides,
+            *json.loads(args.extra or "[]"), *overrides,
         ])
         result = forgetless.train(cfg)
         recs = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -107,6 +107,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--data", default="demo:elements", help="training data (default demo:elements: short prompts)")
     p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--extra", nargs="*", default=None,
+                   help="overrides for every configuration, e.g. train.mixed_precision=bf16 (the GPU check)")
     p.add_argument("--old-data", default="demo:capitals",
                    help="old / general data that mix and replay draw from (default demo:capitals)")
     p.add_argument("--only", nargs="*", help="names of configurations to run")
@@ -114,8 +116,10 @@ def main() -> None:
     p.add_argument("--json", help="where to write the results (default benchmarks/overhead.json)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--overrides", help=argparse.SUPPRESS)
+    p.add_argument("--extra-json", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
+        args.extra = args.extra_json
         child(args)
         return
     names = [n for n in CONFIGS if not args.only or n in args.only]
@@ -127,7 +131,7 @@ def main() -> None:
             overrides = [o.replace("{half}", str(args.layers // 2)).replace("{old}", args.old_data) for o in CONFIGS[name][0]]
             cmd = [sys.executable, __file__, "--child", "--overrides", json.dumps(overrides), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--hidden", str(args.hidden), "--layers", str(args.layers), "--batch", str(args.batch),
-                   "--data", args.data, "--max-length", str(args.max_length)]
+                   "--data", args.data, "--max-length", str(args.max_length), "--extra-json", json.dumps(args.extra or [])]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)

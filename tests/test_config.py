@@ -114,3 +114,12 @@ def test_every_example_config_validates():
         for spec in cfg.data.train:
             assert spec.path.startswith("demo:") or Path(spec.path).exists(), f"{path}: {spec.path} missing"
     assert covered == set(REGISTRY), f"methods without an example config: {sorted(set(REGISTRY) - covered)}"
+
+
+def test_an_unquoted_no_is_the_word_a_choice_spells(tmp_path):
+    """YAML 1.1 reads `no` as false: train.mixed_precision=no must still mean 'no', in a file and on the command line."""
+    cfg = load_config(None, ["model.name_or_path=tiny", "data.train=demo:elements", "train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {name_or_path: tiny}\ndata: {train: demo:elements}\ntrain: {mixed_precision: no}\n")
+    assert load_config(path).train.mixed_precision == "no"

@@ -86,6 +86,11 @@ def _convert(value: Any, tp: Any, key: str, src: _Source, base_dir: Path) -> Any
         return _convert(value, args[0], key, src, base_dir)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and value not in choices:
+            # YAML 1.1 reads an unquoted no / off / yes / on as a boolean: give back the word a choice spells
+            words = [c for c in choices if isinstance(c, str) and c.lower() in (("yes", "on", "true") if value else ("no", "off", "false"))]
+            if len(words) == 1:
+                return words[0]
         if value not in choices:
             raise ConfigError(f"{src.where(key)}: must be {type_name(tp)}, got {value!r}")
         return value
