@@ -227,8 +227,8 @@ def _open_runs(given_runs: Sequence, base: Optional[str], dtype: str) -> tuple[l
             raise UserError(f"{r}: not a run or model directory; give a run directory or a fine-tuned model folder")
         runs.append((run_dir, is_run, ft_dir, load_config(run_dir / CONFIG_FILE) if is_run else None))
 
-    def base_of(cfg):  # 'tiny' rebuilds the same random init from the seed
-        return dataclasses.replace(cfg.model, dtype=dtype, device_map=None), cfg.train.seed
+    def base_of(cfg):  # 'tiny' rebuilds the same random init from the seed; a QLoRA run's base is read unquantised
+        return dataclasses.replace(cfg.model, dtype=dtype, device_map=None, load_in_4bit=False), cfg.train.seed
 
     if base is not None:
         return runs, ModelConfig(name_or_path=base, dtype=dtype), 0
@@ -257,7 +257,7 @@ def _merge_options(merge: Optional[str], density: Optional[float], weights: Opti
 
 
 def _interpolator(runs: list, base_cfg, base_seed: int, tokenizer, dtype: str, device, merge: Optional[str],
-                  merge_options: dict) -> "Interpolator":
+                  merge_options: dict, merge_flag: str = "--merge") -> "Interpolator":
     from forgetless.config import ModelConfig
     from forgetless.models import load_model, load_tokenizer
 
@@ -266,7 +266,7 @@ def _interpolator(runs: list, base_cfg, base_seed: int, tokenizer, dtype: str, d
     try:  # the base model is freed
         return Interpolator(load_model(base_cfg, load_tokenizer(base_cfg), seed=base_seed), ft_model, others, merge, **merge_options)
     except ValueError as e:  # the merge's own checks
-        raise UserError(f"--merge {merge}: {e}") from None
+        raise UserError(f"{merge_flag} {merge}: {e}") from None
 
 
 def _merge_record(merge: str, runs: list, merge_options: dict, interp: "Interpolator") -> dict:
@@ -308,7 +308,7 @@ def merge_runs(
     tokenizer = load_tokenizer(ModelConfig(name_or_path=opened[0][2]))
     options = _merge_options(method, density, weights, seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    interp = _interpolator(opened, base_cfg, base_seed, tokenizer, dtype, device, method, options)
+    interp = _interpolator(opened, base_cfg, base_seed, tokenizer, dtype, device, method, options, merge_flag="--method")
     model = interp.at(scale)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)

@@ -185,11 +185,6 @@ def check_combination(names) -> None:
                     raise ConfigError(f"methods: {a} and {b} cannot be combined: {why}")
 
 
-def strength_methods(names) -> list[str]:
-    """The methods among ``names`` whose strength a forgetting budget may scale."""
-    return [n for n in sorted(names) if REGISTRY[n].has(STRENGTH)]
-
-
 def stream_names() -> set[str]:
     """Names taken by streams in every batch: the task's own and each data-stream method's."""
     return {TASK_STREAM} | {s.name for s in REGISTRY.values() if s.has(DATA_STREAM)}

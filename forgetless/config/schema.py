@@ -214,7 +214,7 @@ class DatasetSpec:
 
     def validate(self, where: str) -> None:
         if self.max_drop is not None:
-            if ".keep." not in f"{where}.":
+            if not where.startswith("data.keep."):
                 raise ConfigError(f"{where}.max_drop: a forgetting budget belongs to a data.keep set; move it there or remove it")
             if not self.max_drop >= 0:
                 raise ConfigError(f"{where}.max_drop must be >= 0 (the largest allowed fall of the set's score), got {self.max_drop}")
@@ -479,7 +479,8 @@ class BudgetConfig:
     """
 
     every_steps: Optional[int] = option(
-        None, "Measure the signal every N optimiser steps; null = 10 times per run when a budget is set (else never); 0 = never."
+        None, "Measure the signal every N optimiser steps (not at the last: the final evaluation is there); null = every "
+        "tenth of the run when a budget is set (else never); 0 = never."
     )
     kl_max: Optional[float] = option(
         None,
@@ -497,8 +498,9 @@ class BudgetConfig:
         True,
         "Adjust the strength of the run's protective methods to stay inside the budget: the loss terms of kl, l2sp "
         "and ewc and the batch shares of mix, replay and synthetic_replay are scaled by s (mixed-in data at most 90% "
-        "of a batch), and log s moves by step_size x the worst relative violation (clipped to +-1) at every check, "
-        "dual ascent in log space. Off: only measure, stop early and restore.",
+        "of a batch), and at every check log s moves by step_size x the worst relative violation v (up to 2 steps "
+        "over budget; relax x step_size x v, at most one, inside it): dual ascent in log space. Off: only measure, "
+        "stop early and restore.",
     )
     step_size: float = option(0.7, "The controller's step in log strength per check at a violation of 1 (0.7: x2; over budget up to 2 steps, x4).")
     relax: float = option(
@@ -778,6 +780,8 @@ class RunConfig:
         """One-line ConfigErrors for a forgetting budget the run could not keep (forgetless/recipes/budget.py)."""
         b = self.budget
         drops = [name for name, spec in self.data.keep.items() if spec.max_drop is not None]
+        if "online_kl" in self.data.keep and b.kl_max is not None:
+            raise ConfigError("data.keep.online_kl: the name is the budget's KL limit (budget.kl_max); rename the keep set")
         if not drops and b.kl_max is None:
             return
         if b.every_steps == 0 and b.control:

@@ -250,7 +250,8 @@ class Lora(Method):
         if getattr(model, "is_loaded_in_4bit", False):  # QLoRA (model.load_in_4bit): PEFT's k-bit preparation first
             from peft import prepare_model_for_kbit_training
 
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+            # gradient checkpointing stays as train.gradient_checkpointing set it (the recipe's, non-reentrant)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = wrap_peft(model, peft_cfg, "methods.lora")
         if cfg.init in MOVING_INITS:
             # (A0, B0), for the conversion to a plain LoRA on the original base at save (forgetless/models/saving.py).

@@ -20,11 +20,12 @@ has its strength multiplied by one factor ``s``: the loss terms of kl, l2sp and 
 (forgetless/recipes/finetune.py applies it), the batch share of mix's, replay's and
 synthetic_replay's streams (their starting shares times ``s``, all mixed-in streams together at
 most MAX_MIXED of a batch; from the next step on, the earlier batches unchanged).
-At every check, with ``v`` the worst relative violation over the limits, ``(drop - max) / max``
-clipped to [-1, 1], ``log s`` moves by ``step_size * v`` within [min_scale, max_scale]: dual ascent
-on the budget constraint, in log space, so ``s`` grows while the run is over budget and shrinks
-(the model may learn more) while it is inside. The weights of the last check inside the budget are
-kept (trainable parameters, on the CPU). The run stops early after ``patience`` checks in a row
+At every check, with ``v`` the worst relative violation over the limits, ``(drop - max) / max``,
+``log s`` moves by ``step_size * min(v, 2)`` over budget and by ``relax * step_size * max(v, -1)``
+inside it, within [min_scale, max_scale]: dual ascent on the budget constraint, in log space, so
+``s`` grows while the run is over budget and shrinks (the model may learn more) while it is
+inside. The weights of the last check inside the budget are kept (trainable parameters, on the
+main process's CPU; a restore sends them to the others). The run stops early after ``patience`` checks in a row
 over budget with the strength at ``max_scale`` (or with nothing to control). At the end, the
 keep sets that have a ``max_drop`` are scored on their whole sets; if one exceeds it and
 ``budget.restore`` is on, the kept weights come back before the final evaluation. Everything the
@@ -49,7 +50,7 @@ from forgetless.eval.sets import EvalSet, evaluate_sets
 from forgetless.loss import forward as lm_forward, target_positions
 from forgetless.registry import REGISTRY, STRENGTH
 
-KL = "kl"  # the name of the KL limit among the keep sets' names
+KL = "online_kl"  # the name of the KL limit among the keep sets' (a keep set may not take it)
 FLOOR = 0.01  # a max_drop of 0 is judged against this, so that the violation stays finite
 UP_CLIP = 2.0  # over budget, a step raises log s by at most 2 x step_size (about x4 per check at the default)
 
@@ -203,7 +204,8 @@ class Budget:
     @torch.no_grad()
     def prepare(self, model, tokenizer, accelerator) -> None:
         """The starting model's distributions on the task sample and its keep-sample scores."""
-        if not self.active:
+        self.main = accelerator.is_main_process
+        if not self.active and KL not in self.limits:  # (a KL budget is checked at the end even without checks)
             return
         rank, world = accelerator.process_index, accelerator.num_processes
         examples = self.train_examples
@@ -225,7 +227,7 @@ class Budget:
                 logp.append(lp)
             self.reference.append(({k: v.cpu() for k, v in batch.items()}, torch.cat(ids).cpu(), torch.cat(logp).cpu()))
         plain.train(was_training)
-        scores = evaluate_sets(model, tokenizer, self.samples, self.cfg, accelerator, "budget: start") if self.samples else {}
+        scores = evaluate_sets(model, tokenizer, self.samples, self.cfg, accelerator, "budget: start") if self.samples and self.active else {}
         self.start_scores = {n: r.get("score") for n, r in scores.items()}
         self._apply()
 
@@ -274,9 +276,9 @@ class Budget:
                 self.changes += 1
                 action = "raised" if self.log_scale > before else "lowered"
                 self._apply(step)
-        if inside:
+        if inside:  # the weights are the same on every process: the main one keeps them, and sends them back at a restore
             self.kept_step = step
-            self.kept = [p.detach().to("cpu", copy=True) for p in params]
+            self.kept = [p.detach().to("cpu", copy=True) for p in params] if self.main else []
             self.over_at_max = 0
         elif not self.controlled or self.log_scale >= math.log(self.b.max_scale) - 1e-9:
             self.over_at_max += 1
@@ -314,11 +316,14 @@ class Budget:
         record = {"drop": drops, "violation": violation, "inside": inside, "strength": self.scale, "action": "end"}
         if not inside and self.b.restore and self.kept_step is not None and self.kept_step < step:
             with torch.no_grad():
-                for p, saved in zip(params, self.kept):
-                    p.copy_(saved.to(p.device))
+                for i, p in enumerate(params):
+                    if self.main:
+                        p.copy_(self.kept[i].to(p.device))
+                    if accelerator.num_processes > 1:
+                        torch.distributed.broadcast(p.data, src=0)
             self.restored_step = self.kept_step
             record["action"] = f"restored step {self.kept_step}"
-        self.final = {"drop": drops, "inside": inside}
+        self.final = {"drop": drops, "inside": inside, **({"restored_step": self.restored_step} if self.restored_step is not None else {})}
         return record
 
     def describe(self) -> dict:
@@ -347,10 +352,11 @@ class Budget:
             return
         for key in ("log_scale", "checks", "changes", "over_at_max", "stopped_at", "kept_step"):
             setattr(self, key, state[key])
-        self.kept = [state[f"kept.{i}"] for i in range(state["kept_count"])]
+        self.kept = [state[f"kept.{i}"] for i in range(state["kept_count"])] if getattr(self, "main", True) else []
         self._apply()
-        for start, shares in state.get("segments", [])[1:]:  # the shares as they were drawn, exactly
-            self.batches.set_shares(start, shares)
+        if state.get("segments"):  # the shares as they were drawn, exactly (not normalised again)
+            self.batches.segments = [(int(start), [float(w) for w in shares]) for start, shares in state["segments"]]
+            self.batches.shares = list(self.batches.segments[-1][1])
 
 
 def _target_logits(plain, batch: dict, accelerator):

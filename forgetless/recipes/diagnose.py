@@ -58,7 +58,6 @@ def diagnose(run_dir: str, *, k: int = 10, steps: int = 10, lr: Optional[float] 
     """Measure, per keep set of the finished run in ``run_dir``, the share of its forgetting that
     ``k`` examples and ``steps`` steps recover; writes and returns ``diagnose.json``'s content."""
     import forgetless
-    from forgetless.eval.headline import higher_is_better
 
     root = Path(run_dir)
     if not (root / SUMMARY_FILE).is_file() or not (root / CONFIG_FILE).is_file():
@@ -92,12 +91,14 @@ def diagnose(run_dir: str, *, k: int = 10, steps: int = 10, lr: Optional[float] 
             rest = rest[: max_examples or cfg.eval.max_examples or len(rest)]
             shot_file, rest_file = Path(tmp) / f"{name}-shots.jsonl", Path(tmp) / f"{name}-rest.jsonl"
             for path, rows in ((shot_file, shots), (rest_file, rest)):
-                path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+                path.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows), encoding="utf-8")
             metric = spec.metric or metrics.get(name)
+            # the records were read with the set's columns already mapped: the files hold forgetless's own fields
             as_spec = lambda path: dataclasses.replace(spec, path=str(path), split="train", subset=None, limit=None,  # noqa: E731
-                                                       max_drop=None, metric=metric)
+                                                       max_drop=None, metric=metric, columns={})
             options = dict(batch_size=cfg.eval.batch_size, generation=cfg.eval.generation, max_new_tokens=cfg.eval.max_new_tokens,
-                           max_length=cfg.data.max_length, chat_template=cfg.data.chat_template, progress=progress)
+                           max_length=cfg.data.max_length, chat_template=cfg.data.chat_template, progress=progress,
+                           dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
             start = forgetless.evaluate(base, {name: as_spec(rest_file)}, **options)[name]
             out = work / name
             few = load_config(None, [
@@ -113,7 +114,7 @@ def diagnose(run_dir: str, *, k: int = 10, steps: int = 10, lr: Optional[float] 
             few.eval.max_new_tokens = cfg.eval.max_new_tokens
             run = forgetless.train(few)
             final, recovered = run.before[name], run.after[name]
-            higher = higher_is_better(metric) if metric else True
+            higher = run.data[name]["higher_is_better"]
             share = recovered_share(start["score"], final["score"], recovered["score"], higher, min_drop)
             results[name] = {"metric": run.data[name]["metric"], "higher_is_better": run.data[name]["higher_is_better"],
                              "scored_examples": start["examples"], "start": start["score"], "final": final["score"],

@@ -510,8 +510,8 @@ def _train_steps(run: Run) -> None:
                 clock.new_window()
             stopped = run.budget.stopped_at is not None
             if stopped:
-                say(f"step {state.step}: stopped early: over the forgetting budget at the strongest protection "
-                    f"({run.cfg.budget.patience} checks in a row)")
+                how = "at the strongest protection " if run.budget.controlled else ""
+                say(f"step {state.step}: stopped early: over the forgetting budget {how}({run.cfg.budget.patience} checks in a row)")
             if out.checkpoint_every and (state.step % out.checkpoint_every == 0 or state.step == state.total_steps or stopped):
                 _checkpoint(run, clock)
                 clock.new_window()
@@ -669,7 +669,7 @@ def _finish(run: Run) -> RunResult:
     if run.budget.active or run.budget.limits:
         train_info["budget"] = run.budget.describe()
     drawn = sum(state.source_counts)
-    shares = zip(run.sources, run.batches.shares, state.source_counts)
+    shares = zip(run.sources, run.batches.segments[0][1], state.source_counts)  # requested: as configured (a budget may move them)
     data_info = {
         "train": vars(run.train_stats),
         "mix": {s.name: {"requested": round(w, 4), "observed": round(c / max(drawn, 1), 4)} for s, w, c in shares},

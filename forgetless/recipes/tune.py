@@ -25,8 +25,8 @@ one from its checkpoint.
 The result: ``OUTPUT/tune.json`` (every trial, the Pareto front, the chosen one) and
 ``OUTPUT/best.yaml``, the chosen trial's config (training it gives the trial's numbers again):
 the front's trial that learned the most inside the budget (without a budget, the most learned +
-kept). The config itself is read with ``budget.control=false`` (a strategy without a strength,
-like LoRA, has nothing to control), unless it sets it.
+kept). ``budget.control`` of the config is not used: each trial's is set by its strategy (above);
+the config is read with it off, so that it needs no protective method of its own.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from typing import Optional
 
 import yaml
 
-from forgetless.config import RunConfig, config_from_dict, save_config, to_dict
+from forgetless.config import RunConfig, config_from_dict, redact_secrets, save_config, to_dict
 from forgetless.config.schema import TUNE_STRATEGIES
 from forgetless.errors import UserError
 from forgetless.files import SUMMARY_FILE
@@ -162,7 +162,7 @@ def trial_config(cfg: RunConfig, params: dict, run_dir: Path) -> RunConfig:
     raw = to_dict(out)
     raw["methods"] = methods
     raw["train"]["lr"] = lr
-    raw["output"].update({"dir": str(run_dir), "overwrite": False, "resume": False, "progress": False})
+    raw["output"].update({"dir": str(run_dir), "overwrite": False, "resume": False, "progress": False, "push_to_hub": None})
     if any(spec.max_drop is not None for spec in cfg.data.keep.values()):
         # a strength the budget's controller can move starts where the sampler put it, and the
         # controller keeps the trial inside the budget; any other trial over it twice in a row stops
@@ -203,6 +203,8 @@ def tune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, say=p
         raise UserError("forgetless tune needs Optuna: pip install 'forgetless[tune]'") from None
     if cfg.tasks:
         raise UserError("forgetless tune searches one training run; for a task sequence use forgetless compare with strategies")
+    if cfg.model.load_in_4bit and set(strategies_for(cfg)) != {"lora"}:
+        raise UserError("model.load_in_4bit: a 4-bit base trains only adapters, so tune.strategies must be [lora]")
     out = Path(cfg.output.dir)
     journal = out / JOURNAL_FILE
     if out.exists() and any(out.iterdir()) and not resume:
@@ -315,7 +317,8 @@ def _write_result(study, cfg: RunConfig, out: Path, limits: dict) -> dict:
     if chosen is not None:
         best = trial_config(cfg, dict(study.trials[chosen["number"]].params), Path(cfg.output.dir) / "best")
         raw = to_dict(best)  # the trial's own config (output.dir aside): training it gives the trial's numbers again
-        (out / BEST_FILE).write_text("# chosen by forgetless tune: " + chosen["label"] + "\n" + yaml.safe_dump(raw, sort_keys=False),
+        raw["output"]["push_to_hub"] = cfg.output.push_to_hub  # the user's own choice, for the chosen run
+        (out / BEST_FILE).write_text("# chosen by forgetless tune: " + chosen["label"] + "\n" + yaml.safe_dump(redact_secrets(raw), sort_keys=False),
                                      encoding="utf-8")
     return result
 

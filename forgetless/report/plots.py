@@ -325,8 +325,8 @@ def budget_curves(log: RunLog, limits: dict[str, float]) -> Optional[Plot]:
     axes = fig.subplots(1, 2 + int(has_strength), squeeze=False)[0]
     ax = axes[0]
     ax.plot(steps, [r.get("kl") for r in records], color=PALETTE[0], marker="o", ms=3, lw=1.4)
-    if "kl" in limits:
-        ax.axhline(limits["kl"], color=PALETTE[1], ls="--", lw=1, label="kl_max")
+    if "online_kl" in limits:  # forgetless.recipes.budget.KL
+        ax.axhline(limits["online_kl"], color=PALETTE[1], ls="--", lw=1, label="kl_max")
         ax.legend(loc="best")
     ax.set_xlabel("step")
     ax.set_title("online KL(start || model) per token", loc="left")

@@ -84,11 +84,11 @@ def _budget_text(budget: dict) -> str:
                      f"x{budget.get('strength', 1):.3g} at the end")
     if budget.get("stopped_at") is not None:
         parts.append(f"stopped early at step {budget['stopped_at']}")
-    if budget.get("restored_step") is not None:
-        parts.append(f"weights of step {budget['restored_step']} restored (the last check inside the budget)")
     end = budget.get("end")
     if end:
-        parts.append("inside the budget at the end" if end.get("inside") else "over the budget at the end")
+        parts.append("inside the budget at the end of training" if end.get("inside") else "over the budget at the end of training")
+    if budget.get("restored_step") is not None:
+        parts.append(f"so the weights of step {budget['restored_step']} (the last check inside it) were restored; the final scores are theirs")
     return "; ".join(parts) + "."
 
 

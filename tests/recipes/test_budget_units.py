@@ -101,6 +101,8 @@ BASE = ["model.name_or_path=tiny", "data.train=demo:elements"]
 
 @pytest.mark.parametrize("overrides, message", [
     (["data.eval.x={path: demo:capitals, max_drop: 0.1}"], "data.eval.x.max_drop: a forgetting budget belongs to a data.keep set"),
+    (["data.eval.keep={path: demo:capitals, max_drop: 0.1}"], "data.eval.keep.max_drop: a forgetting budget belongs to a data.keep set"),
+    (["data.keep.online_kl=demo:capitals", "budget.kl_max=1", "methods.kl=true"], "the name is the budget's KL limit"),
     (["data.train={path: demo:elements, max_drop: 0.1}"], "data.train[0].max_drop: a forgetting budget belongs to a data.keep set"),
     (["data.keep.c={path: demo:capitals, max_drop: -1}"], "max_drop must be >= 0"),
     (["data.keep.c={path: demo:capitals, max_drop: 0.1}"], "budget: no method whose strength the controller can adjust"),
