@@ -653,6 +653,7 @@ def _finish(run: Run) -> RunResult:
     run.log({"step": state.step, "eval": after})
     fault("eval")
     flips = flips_of_run(run.eval_sets, state.before_verdicts, verdicts, run.tokenizer)
+    flip_counts = {n: counts(f) for n, f in flips.items()}
     train_info = {
         "steps": state.step,
         "global_batch": state.global_batch,
@@ -686,7 +687,7 @@ def _finish(run: Run) -> RunResult:
         if flips:
             write_text_atomic(run.run_dir / FLIPS_FILE, json.dumps(flips, indent=1))
         # summary.json last: the run is finished
-        write_summary(run.run_dir, state.before, after, roles, train_info, data_info, {n: counts(f) for n, f in flips.items()})
+        write_summary(run.run_dir, state.before, after, roles, train_info, data_info, flip_counts)
         run.log.close()
         if not cfg.output.keep_checkpoints:
             remove_checkpoints(run.run_dir)
@@ -697,7 +698,7 @@ def _finish(run: Run) -> RunResult:
         if warning := local_base_warning(run.run_dir):
             warnings.warn(warning, ForgetlessWarning, stacklevel=2)
         console.print(f"pushed to {push_run(run.run_dir, cfg.output.push_to_hub, private=cfg.output.hub_private)}")
-    return RunResult(run.run_dir, state.before, after, roles, train_info, data_info, {n: counts(f) for n, f in flips.items()},
+    return RunResult(run.run_dir, state.before, after, roles, train_info, data_info, flip_counts,
                      model=unwrapped, tokenizer=run.tokenizer)
 
 

@@ -41,7 +41,11 @@ class Scenario:
         self._plain = None
 
     def finetune(self, name: str, *overrides: str, steps: int = 24, lr: float = 3e-3):
-        cfg = forgetless.load_config(None, [
+        return forgetless.train(self.config(name, *overrides, steps=steps, lr=lr))
+
+    def config(self, name: str, *overrides: str, steps: int = 24, lr: float = 3e-3):
+        """The config of :meth:`finetune` (for a run started another way, e.g. killed at a fault point)."""
+        return forgetless.load_config(None, [
             f"model.name_or_path={self.base_dir}",
             *COMMON,
             f"output.dir={self.root / name}",
@@ -53,7 +57,6 @@ class Scenario:
             f"train.lr={lr}",
             *overrides,
         ])
-        return forgetless.train(cfg)
 
     @property
     def plain(self):

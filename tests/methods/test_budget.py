@@ -7,12 +7,12 @@ the same decisions and ends with the same weights.
 """
 
 import json
-import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.methods.test_contract import killed
 from tests.resume.conftest import WALL_CLOCK
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -85,17 +85,7 @@ def test_the_last_weights_inside_the_budget_come_back_at_the_end(scenario):
 def test_a_killed_budgeted_run_resumes_to_the_same_decisions_and_weights(scenario):
     options = ["methods.l2sp.weight=0.1", KEEP % "0.05", "budget.every_steps=3", "budget.keep_sample=16", "output.checkpoint_every=4"]
     whole = scenario.finetune("budget-whole", *options, lr=1e-3)
-    pid = os.fork()
-    if pid == 0:  # the child never returns into pytest
-        code = 3
-        try:
-            os.environ["FORGETLESS_FAULT"] = "step:14"
-            scenario.finetune("budget-killed", *options, lr=1e-3)
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 137
+    assert killed(scenario.config("budget-killed", *options, lr=1e-3), "step:14") == 137
     resumed = scenario.finetune("budget-killed", *options, "output.resume=true", "output.overwrite=false", lr=1e-3)
     assert budget_records(resumed.run_dir) == budget_records(whole.run_dir)
     a, b = (load_file(r.run_dir / "model" / "model.safetensors") for r in (whole, resumed))

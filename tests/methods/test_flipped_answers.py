@@ -6,9 +6,10 @@ verdicts are in the checkpoint).
 """
 
 import json
-import os
 
 import pytest
+
+from tests.methods.test_contract import killed
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -41,23 +42,8 @@ def test_a_run_lists_the_answers_it_lost_and_gained(scenario):
 
 def test_a_resumed_run_writes_the_same_flips(scenario):
     whole = scenario.finetune("flips-whole", *GENERATED, "output.checkpoint_every=8", steps=16)
-    code = killed_run(scenario, "step:12")
-    assert code == 137
+    assert killed(scenario.config("flips-killed", *GENERATED, "output.checkpoint_every=8", steps=16), "step:12") == 137
     resumed = scenario.finetune("flips-killed", *GENERATED, "output.checkpoint_every=8", "output.resume=true",
                                 "output.overwrite=false", steps=16)
     assert json.loads((resumed.run_dir / "flips.json").read_text()) == json.loads((whole.run_dir / "flips.json").read_text())
 
-
-def killed_run(scenario, fault: str) -> int:
-    """The run of the test above in a forked child that dies at ``fault`` (as tests/resume's ``killed``)."""
-    pid = os.fork()
-    if pid == 0:  # the child never returns into pytest
-        code = 3
-        try:
-            os.environ["FORGETLESS_FAULT"] = fault
-            scenario.finetune("flips-killed", *GENERATED, "output.checkpoint_every=8", steps=16)
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
