@@ -43,6 +43,7 @@ from typing import Any, Optional
 import torch
 
 from forgetless.errors import ConfigError, UserError
+from forgetless.sharding import full, is_sharded, reshard, shard_like, unsharded
 from forgetless.files import CHECKPOINTS_DIR, CONFIG_FILE, SUMMARY_FILE, TMP_PREFIX, flatten, fsync_path, write_text_atomic  # noqa: F401  (write_text_atomic: part of this module's API)
 
 FORMAT = "forgetless.checkpoint/1"
@@ -109,10 +110,10 @@ def _plain_float(x: float) -> Optional[float]:
 # ------------------------------------------------------------------------------------------------
 
 
-def model_tensors(model, base_ids: set[int]) -> dict[str, torch.Tensor]:
-    """Trainable parameters, parameters that are not the base model's (``base_ids``: ids of the
-    loaded model's parameters, before methods wrapped it), and persistent buffers."""
-    out = {n: p for n, p in model.named_parameters() if p.requires_grad or id(p) not in base_ids}
+def model_tensors(model, added: set[str]) -> dict[str, torch.Tensor]:
+    """Trainable parameters, parameters that are not the base model's (``added``: the names of those
+    methods added to the loaded model, e.g. frozen earlier adapters), and persistent buffers."""
+    out = {n: p for n, p in model.named_parameters() if p.requires_grad or n in added}
     persistent = set(model.state_dict(keep_vars=True))
     out.update({n: b for n, b in model.named_buffers() if n in persistent})
     return out
@@ -135,7 +136,8 @@ def restore_model(model, tensors: dict[str, torch.Tensor], where: Path) -> None:
 
 
 def optimizer_files(optimizer, model) -> tuple[dict[str, torch.Tensor], dict]:
-    """The optimiser's state flattened: tensors ``state.<index>.<key>``, and JSON (groups, names)."""
+    """The optimiser's state flattened: tensors ``state.<index>.<key>``, and JSON (groups, names).
+    Sharded (FSDP2) states are gathered whole: every process must call it."""
     names = {id(p): n for n, p in model.named_parameters()}
     opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
     sd = opt.state_dict()
@@ -143,7 +145,7 @@ def optimizer_files(optimizer, model) -> tuple[dict[str, torch.Tensor], dict]:
     for index, state in sd["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"state.{index}.{key}"] = value
+                tensors[f"state.{index}.{key}"] = full(value)
             else:
                 plain_state.setdefault(str(index), {})[key] = value
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -151,15 +153,18 @@ def optimizer_files(optimizer, model) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def restore_optimizer(optimizer, model, tensors: dict[str, torch.Tensor], info: dict, where: Path) -> None:
+    """Load the saved state (whole tensors); a sharded (FSDP2) parameter's states are sharded like it."""
     opt = getattr(optimizer, "optimizer", optimizer)
     names = {id(p): n for n, p in model.named_parameters()}
-    current = [names.get(id(p), "?") for g in opt.param_groups for p in g["params"]]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    current = [names.get(id(p), "?") for p in params]
     if current != info["param_names"]:
         raise UserError(f"{where}: the checkpoint's optimiser covers other parameters than this run trains; resume with the run's own config")
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
+        param = params[int(index)]
+        state.setdefault(int(index), {})[name] = shard_like(value, param) if value.shape == param.shape else value
     for index, values in info["state"].items():
         state.setdefault(int(index), {}).update(values)
     groups = []
@@ -212,13 +217,14 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
 
 
 def method_files(methods: list) -> tuple[dict[str, torch.Tensor], dict]:
-    """Every method's state_dict(): tensors as ``<method>/<key>``, the rest as JSON by method."""
+    """Every method's state_dict(): tensors as ``<method>/<key>`` (sharded ones gathered whole: every
+    process must call it), the rest as JSON by method."""
     tensors, plain = {}, {}
     for m in methods:
         plain[m.name] = {}
         for key, value in m.state_dict().items():
             if torch.is_tensor(value):
-                tensors[f"{m.name}/{key}"] = value
+                tensors[f"{m.name}/{key}"] = full(value)
             else:
                 plain[m.name][key] = value
     return tensors, plain
@@ -313,7 +319,7 @@ class CheckpointWriter:
     run_dir: Path
     accelerator: Any
     keep_last: int
-    base_ids: set[int] = field(default_factory=set)
+    added: set[str] = field(default_factory=set)  # names of parameters methods added to the base (saved though frozen)
 
     def save(self, model, optimizer, scheduler, methods: list, state: "TrainerState") -> Path:
         """Write the checkpoint of ``state.step``; a failed write raises a UserError and leaves ``latest`` as it was."""
@@ -330,22 +336,39 @@ class CheckpointWriter:
         if error is None and tmp.is_dir():  # every process writes its own RNG states
             error = _attempt(lambda: _write_tensors(tmp / f"rng-rank-{rank}.safetensors", *rng_files()))
         failed = self._agree(error)
+        unwrapped = acc.unwrap_model(model)
+        contents = None
+        if not failed and (main or is_sharded(unwrapped)):  # sharded: every process takes part in gathering the tensors
+            contents = self._contents(unwrapped, optimizer, methods, keep=main)
         if main and not failed:
-            unwrapped = acc.unwrap_model(model)
-            error = _attempt(lambda: self._write_main(tmp, final, step, unwrapped, optimizer, scheduler, methods, trainer))
+            error = _attempt(lambda: self._write_main(tmp, final, step, contents, scheduler, trainer))
         if self._agree(error) or failed:
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise self._failure(name, error)
         return final
 
-    def _write_main(self, tmp: Path, final: Path, step: int, model, optimizer, scheduler, methods: list, trainer: dict) -> None:
-        _write_tensors(tmp / "model.safetensors", model_tensors(model, self.base_ids))
-        fault("checkpoint")
+    def _contents(self, model, optimizer, methods: list, keep: bool) -> Optional[tuple]:
+        """The model's, optimiser's and methods' tensors and JSON; a sharded model's gathered whole
+        (to the CPU, kept on the main process only)."""
+        sharded = is_sharded(model)
+        if sharded:
+            reshard(model)  # the parameters as the optimiser holds them (an evaluation leaves the root gathered)
         opt_tensors, opt_info = optimizer_files(optimizer, model)
+        m_tensors, m_plain = method_files(methods)
+        if not sharded:
+            return model_tensors(model, self.added), opt_tensors, opt_info, m_tensors, m_plain
+        with unsharded(model, keep=keep):
+            tensors = {n: t.detach().to("cpu", copy=True) for n, t in model_tensors(model, self.added).items()} if keep else {}
+        cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
+        return (tensors, cpu(opt_tensors), opt_info, cpu(m_tensors), m_plain) if keep else None
+
+    def _write_main(self, tmp: Path, final: Path, step: int, contents: tuple, scheduler, trainer: dict) -> None:
+        model_t, opt_tensors, opt_info, m_tensors, m_plain = contents
+        _write_tensors(tmp / "model.safetensors", model_t)
+        fault("checkpoint")
         _write_tensors(tmp / "optimizer.safetensors", opt_tensors)
         _write_json(tmp / "optimizer.json", opt_info)
-        m_tensors, m_plain = method_files(methods)
         _write_tensors(tmp / "methods.safetensors", m_tensors)
         _write_json(tmp / "methods.json", m_plain)
         scaler = self.accelerator.scaler

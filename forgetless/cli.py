@@ -30,6 +30,7 @@ examples:
   forgetless train run.yaml train.lr=1e-4 output.dir=runs/lr1e-4
   forgetless train data.train=train.jsonl data.keep.general=wiki.jsonl model.name_or_path=Qwen/Qwen2.5-0.5B
   forgetless train run.yaml --nproc 2               # 2 processes (torchrun), same global batch
+  forgetless train run.yaml --nproc 2 --fsdp2       # the same, parameters sharded (FSDP2)
   forgetless train run.yaml --resume                # continue a crashed run from its last checkpoint
   forgetless eval runs/my-run --data old=old.jsonl --data new=new.jsonl
   forgetless interpolate runs/my-run --min-keep 0.9        # WiSE-FT alpha sweep, writes the chosen model
@@ -72,7 +73,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_launch(args)
     if ((args.nproc and args.nproc > 1) or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
         cfg = load_config(config, overrides)  # validate before starting processes
-        check_backend(cfg, {**os.environ, "WORLD_SIZE": str((args.nproc or 1) * args.nnodes)})
+        from forgetless.sharding import FSDP2_ENV
+
+        check_backend(cfg, {**os.environ, **(FSDP2_ENV if args.fsdp2 else {}), "WORLD_SIZE": str((args.nproc or 1) * args.nnodes)})
         return _relaunch(args)
     cfg = load_config(config, overrides)
     result = train(cfg)
@@ -83,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port")
+LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port")  # each takes a value
 
 
 def _check_launch(args: argparse.Namespace) -> None:
@@ -100,6 +103,8 @@ def _check_launch(args: argparse.Namespace) -> None:
         raise UserError("--master-addr and --node-rank go with --nnodes above 1 (a run over several machines)")
     if not 1 <= args.master_port <= 65535:
         raise UserError(f"--master-port {args.master_port}: give a TCP port, 1-65535")
+    if getattr(args, "fsdp2", False) and (args.nproc or 1) * args.nnodes < 2 and "LOCAL_RANK" not in os.environ:
+        raise UserError("--fsdp2 shards over several processes: add --nproc 2 (or more), or drop --fsdp2 for one process")
 
 
 def _relaunch(args: argparse.Namespace) -> int:
@@ -111,9 +116,13 @@ def _relaunch(args: argparse.Namespace) -> int:
             skip = False
         elif a in LAUNCH_FLAGS:
             skip = True
+        elif a == "--fsdp2":
+            continue
         elif not a.startswith(tuple(f + "=" for f in LAUNCH_FLAGS)):
             clean.append(a)
-    env = dict(os.environ)
+    from forgetless.sharding import FSDP2_ENV
+
+    env = dict(os.environ, **(FSDP2_ENV if getattr(args, "fsdp2", False) else {}))
     nproc = args.nproc or 1
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
     if args.nnodes > 1:
@@ -435,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-rank", type=int, default=0, help="with --nnodes: this machine's index, 0 .. nnodes-1")
     p.add_argument("--master-addr", help="with --nnodes: the address of node 0, reachable from every node")
     p.add_argument("--master-port", type=int, default=29500, help="with --nnodes: node 0's rendezvous port (default 29500)")
+    p.add_argument("--fsdp2", action="store_true",
+                   help="with --nproc/--nnodes: shard parameters, gradients and optimiser states over the processes (FSDP2, "
+                        "one unit per transformer block; what `accelerate launch` with an FSDP2 config does)")
     p.set_defaults(func=cmd_train)
 
     for name, helptext, description in (

@@ -242,6 +242,15 @@ def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, hea
     return Outputs(hidden, head, out.logits.shape[-1], autocast=autocast)
 
 
+def use_full_logits(model) -> None:
+    """Run ``model`` the plain way from now on (its own full logits, no head applied apart).
+
+    For FSDP2: applying the output head outside the root module's forward (to the hidden states it
+    returned) crashes its backward pass, so a sharded model pays for its full logits.
+    """
+    setattr(model, _HEAD_CHECKED, False)
+
+
 def _head_usable(plain) -> bool:
     """Whether the model takes ``logits_to_keep`` and has a head to apply (and passed the first-batch check)."""
     checked = getattr(plain, _HEAD_CHECKED, None)

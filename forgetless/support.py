@@ -10,11 +10,13 @@ loads anything, in one line naming the method and what to do. The README's table
 :func:`support_table`'s output, and a test compares the two, so the table cannot drift from the
 refusals.
 
-Why FSDP and DeepSpeed are refused for now: FSDP2 replaces the parameter objects in ``prepare``
-(after EWC and L2-SP captured them); saving reads the weights on rank 0 only; DeepSpeed steps
-its engine on every micro-batch outside ``accelerator.accumulate``; generation gives ranks uneven
-forward counts under sharding. Each is a silent error, so each backend stays refused until it is
-built and tested.
+FSDP2 is built for the methods that declare it (forgetless/sharding.py says how: methods bind
+their per-parameter tensors after ``prepare`` and shard them like the parameters, every process
+runs as many passes, checkpoints and the saved model are gathered whole); each is tested with 2
+processes against 1. Under FSDP2 the forgetting budget and lm-eval suites are refused: both score
+on part of the processes (the budget's samples are split, lm-eval runs on the main process), which
+would leave the others waiting in a gather. FSDP1 and DeepSpeed stay refused: DeepSpeed steps its
+engine on every micro-batch outside ``accelerator.accumulate``, and nothing here is tested on them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Mapping, Optional
 
 from forgetless.errors import UserError
 from forgetless.registry import BACKENDS, REGISTRY
-PLAIN = ("single", "ddp")  # plain full fine-tuning (no method)
+PLAIN = ("single", "ddp", "fsdp2")  # plain full fine-tuning (no method)
 LABELS = {"single": "1 process", "ddp": "DDP", "fsdp2": "FSDP2", "fsdp1": "FSDP1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "qlora": "QLoRA"}
 
 
@@ -57,11 +59,23 @@ def unsupported(methods, backends: list[str]) -> Optional[str]:
     return None
 
 
+def sharded_refusal(cfg) -> Optional[str]:
+    """What of the run's config does not run under FSDP2 (None: all of it does)."""
+    b = cfg.budget
+    if b.every_steps or b.kl_max is not None or any(s.max_drop is not None for s in cfg.data.keep.values()):
+        return "the forgetting budget (budget.*, data.keep.*.max_drop) does not run under FSDP2 yet"
+    if cfg.eval.harness.tasks:
+        return "eval.harness (lm-eval) does not run under FSDP2: it scores on the main process alone"
+    return None
+
+
 def check_backend(cfg, env: Optional[Mapping[str, str]] = None) -> None:
     """Refuse, in one line, a run on a backend one of its parts is not known to be right on."""
     env = os.environ if env is None else env
     backends = requested_backends(env, cfg.model.load_in_4bit)
     why = unsupported(list(cfg.methods), backends)
+    if why is None and backends[0] == "fsdp2":
+        why = sharded_refusal(cfg)
     if why is None and "qlora" in backends:
         import torch
 
@@ -71,7 +85,7 @@ def check_backend(cfg, env: Optional[Mapping[str, str]] = None) -> None:
         placement = backends[0]
         hint = ("launch with --nproc N (DDP) or one process instead" if placement in ("fsdp2", "fsdp1", "zero2", "zero3")
                 else "see the support table in the README")
-        raise UserError(f"{why} ({'forgetless does not run under FSDP or DeepSpeed yet; ' if placement not in PLAIN else ''}{hint})")
+        raise UserError(f"{why} ({'forgetless does not run under FSDP1 or DeepSpeed yet; ' if placement not in PLAIN else ''}{hint})")
 
 
 def support_table() -> str:

@@ -32,7 +32,9 @@ def test_backends_from_the_launchers_environment():
 
 def test_what_is_refused_and_why():
     assert unsupported([], ["single"]) is None and unsupported(["ewc", "lora"], ["ddp"]) is None
-    assert unsupported([], ["fsdp2"]) == "plain full fine-tuning does not run on FSDP2"
+    assert unsupported([], ["fsdp2"]) is None and unsupported(["lora", "kl", "ewc"], ["fsdp2"]) is None
+    assert unsupported([], ["fsdp1"]) == "plain full fine-tuning does not run on FSDP1"
+    assert unsupported(["lora", "moe_lora"], ["fsdp2"]) == "methods.moe_lora does not run on FSDP2"
     assert unsupported(["lora", "moe_lora"], ["zero3"]) == "methods.lora does not run on ZeRO-3"
     assert unsupported(["lora", "kl", "replay"], ["single", "qlora"]) is None
     assert unsupported(["kl"], ["single", "qlora"]) == "a 4-bit base trains only adapters: add methods.lora"
@@ -41,7 +43,10 @@ def test_what_is_refused_and_why():
 
 @pytest.mark.parametrize("env, overrides, message", [
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, [], "plain full fine-tuning does not run on ZeRO-2"),
-    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["methods.ewc.weight=1"], "methods.ewc does not run on FSDP2"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["methods.mofo={}"], "methods.mofo does not run on FSDP2"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["methods.l2sp.weight=1", "budget.kl_max=0.1"], "the forgetting budget"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["eval.harness.tasks=[arc_easy]"], "eval.harness (lm-eval) does not run under FSDP2"),
+    ({"ACCELERATE_USE_FSDP": "true"}, [], "forgetless does not run under FSDP1 or DeepSpeed yet"),
     ({}, ["model.load_in_4bit=true", "methods.lora.r=8"], "needs a CUDA GPU"),
 ])
 def test_check_backend_refuses_in_one_line(env, overrides, message):
@@ -56,7 +61,7 @@ def test_a_deepspeed_launch_is_refused_before_anything_is_written(tmp_path, monk
     out = tmp_path / "run"
     assert main(["train", *TINY, f"output.dir={out}"]) == 2
     err = capsys.readouterr().err
-    assert "does not run on ZeRO-2" in err and "forgetless does not run under FSDP or DeepSpeed yet" in err and err.count("\n") == 1
+    assert "does not run on ZeRO-2" in err and "forgetless does not run under FSDP1 or DeepSpeed yet" in err and err.count("\n") == 1
     assert not out.exists()
 
 

@@ -159,6 +159,7 @@ def score_examples(
     metric: Optional[str] = None,
     name: str = "eval",
     verdicts: Optional[list] = None,
+    synced: bool = False,
 ) -> dict[str, float]:
     """Score ``examples``; ``score`` is the value of ``metric`` (default: the set's natural headline).
 
@@ -175,6 +176,9 @@ def score_examples(
     headline judges one by one (generated answers under exact_match / contains, the picked choice
     under multiple_choice[_norm]), in index order, the same on every process. Loss and token
     accuracy judge no single example; such sets give none.
+
+    ``synced``: decode with ``synced_gpus`` (every process runs forward passes until all are done:
+    FSDP2, where each pass gathers parameters from all of them).
     """
     was_training = model.training
     model.eval()
@@ -225,7 +229,7 @@ def score_examples(
         positions = [i for i, e in enumerate(mine) if decodable(e)]
         gen = [mine[i] for i in positions]
         predictions = generate(model, [e.prompt_ids for e in gen], tokenizer, batch_size=batch_size, max_new_tokens=limit,
-                               device=device, one_line=one_line)
+                               device=device, one_line=one_line, synced=synced)
         totals[3] += sum(exact_match(p, e.reference) for p, e in zip(predictions, gen))
         totals[8] += sum(answer_contains(p, e.reference) for p, e in zip(predictions, gen))
         totals[4] += len(gen)
@@ -295,7 +299,7 @@ class _AnswerDone:
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], tokenizer, *, batch_size: int, max_new_tokens: int, device=None,
-             one_line: bool = False) -> list[str]:
+             one_line: bool = False, synced: bool = False) -> list[str]:
     """Greedy answers to token-id prompts, in the order given.
 
     Prompts are batched longest first, left-padded, decoded with the KV cache; each answer is cut at
@@ -327,6 +331,7 @@ def generate(model, prompts: list[list[int]], tokenizer, *, batch_size: int, max
             pad_token_id=pad,
             eos_token_id=stops,
             stopping_criteria=criteria,
+            **({"synced_gpus": True} if synced else {}),
         )
         for i, row in zip(batch, out[:, width:].tolist()):
             texts[i] = answer_text(tokenizer.decode(cut_at_stop(row, stops), skip_special_tokens=True), one_line)

@@ -19,6 +19,7 @@ from forgetless.eval.custom import load_scoring_function
 from forgetless.eval.headline import check_metric_fits, default_metric, higher_is_better, is_scoring_function
 from forgetless.eval.scoring import score_examples
 from forgetless.progress import eval_progress
+from forgetless.sharding import reshard
 
 
 @dataclass
@@ -71,7 +72,11 @@ def evaluate_sets(model, tokenizer, eval_sets: list[EvalSet], cfg, accelerator, 
     results = {}
     show = cfg.output.progress and accelerator.is_main_process
     unwrapped = accelerator.unwrap_model(model)
-    multi = accelerator.num_processes > 1
+    # FSDP2: every process scores every set whole (their forward passes gather the parameters, so
+    # they must run the same ones) and decodes in step with the others
+    sharded = getattr(accelerator, "is_fsdp2", False) and accelerator.num_processes > 1
+    multi = accelerator.num_processes > 1 and not sharded
+    rank, world = (accelerator.process_index, accelerator.num_processes) if multi else (0, 1)
     gather = None
     if multi:
         from accelerate.utils import gather_object as gather
@@ -79,7 +84,7 @@ def evaluate_sets(model, tokenizer, eval_sets: list[EvalSet], cfg, accelerator, 
         if s.harness is not None:
             continue
         judged = [] if verdicts is not None else None
-        with eval_progress(math.ceil(len(s.examples) / accelerator.num_processes), f"eval {label}: {s.name}", show) as advance:
+        with eval_progress(math.ceil(len(s.examples) / world), f"eval {label}: {s.name}", show) as advance:
             results[s.name] = score_examples(
                 unwrapped,
                 s.examples,
@@ -88,8 +93,8 @@ def evaluate_sets(model, tokenizer, eval_sets: list[EvalSet], cfg, accelerator, 
                 generation=cfg.eval.generation,
                 max_new_tokens=cfg.eval.max_new_tokens,
                 score_eos=cfg.eval.score_eos,
-                rank=accelerator.process_index,
-                world_size=accelerator.num_processes,
+                rank=rank,
+                world_size=world,
                 reduce=(lambda t: accelerator.reduce(t, "sum")) if multi else None,
                 gather=gather,
                 device=accelerator.device,
@@ -97,12 +102,15 @@ def evaluate_sets(model, tokenizer, eval_sets: list[EvalSet], cfg, accelerator, 
                 metric=s.metric,
                 name=s.name,
                 verdicts=judged,
+                synced=sharded,
             )
         if judged:
             verdicts[s.name] = judged
     suites = {id(s.harness): s.harness for s in eval_sets if s.harness is not None}
     for suite in suites.values():
         results.update(_harness_on_main(suite, unwrapped, tokenizer, accelerator, show))
+    if sharded:
+        reshard(unwrapped)  # the no-grad passes left the root unit gathered
     return {s.name: results[s.name] for s in eval_sets}
 
 

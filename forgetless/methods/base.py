@@ -12,6 +12,10 @@ every enabled method at fixed points, in phase order (select, adapt, regularize,
                                                training batch (seeded, sharded and micro-batched the
                                                same way) and handed to paired_terms
     before_train(model, ctx)                   snapshot anchors, compute Fisher, set up a teacher
+    bind(model, ctx)                           after accelerate's prepare(), which may replace the
+                                               parameter objects (FSDP2): look parameters up again
+                                               and shard per-parameter tensors like them
+                                               (forgetless/sharding.py); also on a resumed run
     batch_terms(model, batch, out) -> {name: tensor}
                                                a loss term summed over the batch's target tokens;
                                                the recipe normalises it like the LM loss
@@ -192,6 +196,9 @@ class Method:
         return None
 
     def before_train(self, model, ctx: Context) -> None:
+        pass
+
+    def bind(self, model, ctx: Context) -> None:
         pass
 
     def batch_terms(self, model, batch: dict[str, torch.Tensor], out: Outputs) -> dict[str, torch.Tensor]:

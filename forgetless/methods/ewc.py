@@ -33,6 +33,7 @@ from forgetless.errors import ConfigError, UserError
 from forgetless.methods.base import Context, Method
 from forgetless.registry import register, REGULARIZE, STARTS_AT_BASE, STRENGTH
 from forgetless.methods.fisher import FISHER_KINDS, diagonal_fisher, trainable
+from forgetless.sharding import full, is_dtensor, local, shard_like
 
 STATE_FILE = "ewc_state.safetensors"
 STATE_FORMAT = "forgetless.ewc/1"
@@ -118,8 +119,25 @@ def anchored_squares(params: list, anchors: list, weights) -> torch.Tensor:
     """``1/2 * sum w (p - a)^2`` over lists of tensors, differentiable in ``params``.
 
     ``weights``: one tensor per parameter (EWC: strength x Fisher) or one number (L2-SP: strength).
+    FSDP2 shards (DTensors, anchors and weights sharded alike: :func:`bind_anchored`): the penalty
+    of this process's shards, whose gradient is exactly theirs; the processes' values sum to the
+    whole penalty (the recipe adds them up for the log).
     """
+    if params and is_dtensor(params[0]):
+        params, anchors = [local(p) for p in params], [local(a) for a in anchors]
+        weights = [local(w) for w in weights] if isinstance(weights, list) else weights
     return _AnchoredSquares.apply(weights, anchors, *params)
+
+
+def bind_anchored(model, names: list[str], *per_param: list) -> tuple:
+    """The trainable parameters ``names`` of ``model`` as ``prepare()`` left them, and each list of
+    per-parameter tensors (whole, captured before) sharded like them (FSDP2; unchanged otherwise)."""
+    live = trainable(model)
+    missing = [n for n in names if n not in live]
+    if missing:
+        raise RuntimeError(f"parameter {missing[0]} is no longer trainable after prepare()")
+    params = [live[n] for n in names]
+    return (params, *[[shard_like(t, p) for t, p in zip(tensors, params)] for tensors in per_param])
 
 
 class EWC(Method):
@@ -175,6 +193,11 @@ class EWC(Method):
     def fisher_mean(self) -> float:
         return float(sum(f.sum() for f in self.fisher) / sum(f.numel() for f in self.fisher))
 
+    def bind(self, model, ctx: Context) -> None:
+        self.params, self.anchors, self.weights, fisher = bind_anchored(model, self.names, self.anchors, self.weights, self.fisher)
+        if self.params and is_dtensor(self.params[0]):  # FSDP2: the raw Fisher as shards too, nothing whole left per process
+            self.fisher = fisher
+
     def step_terms(self, model) -> dict[str, torch.Tensor]:
         if self.anchors and self.anchors[0].device != self.params[0].device:  # the recipe moved the model
             self.anchors = [a.to(p.device) for a, p in zip(self.anchors, self.params)]
@@ -183,7 +206,8 @@ class EWC(Method):
 
     def after_train(self, model, ctx: Context) -> None:
         metadata = {"fisher": self.cfg.fisher, "samples": str(self.samples)}
-        ctx.save_artifact(STATE_FILE, lambda path: save_state(path, self.names, self.fisher, self.anchors, metadata))
+        fisher, anchors = [full(f) for f in self.fisher], [full(a) for a in self.anchors]  # sharded: gathered by every process
+        ctx.save_artifact(STATE_FILE, lambda path: save_state(path, self.names, fisher, anchors, metadata))
 
     def state_dict(self) -> dict:
         return {
@@ -253,4 +277,4 @@ def load_state(path: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 register("ewc", EWCConfig, EWC, "Elastic weight consolidation: a diagonal-Fisher penalty on moving weights old data depends on (online EWC across runs).",
-         phase=REGULARIZE, provides={STARTS_AT_BASE: "", STRENGTH: ""}, backends=("single", "ddp", "qlora"))  # on a 4-bit base: the adapters
+         phase=REGULARIZE, provides={STARTS_AT_BASE: "", STRENGTH: ""}, backends=("single", "ddp", "fsdp2", "qlora"))  # on a 4-bit base: the adapters

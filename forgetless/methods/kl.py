@@ -45,11 +45,12 @@ import torch
 from forgetless.config import DatasetSpec, option
 from forgetless.data.batching import count_targets, predicting
 from forgetless.errors import ConfigError
-from forgetless.loss import Outputs, forward as lm_forward, kl_sum, kl_sum_chunked, target_positions
+from forgetless.loss import Outputs, forward as lm_forward, kl_sum, kl_sum_chunked, target_positions, use_full_logits
 from forgetless.methods.base import Context, Method
 from forgetless.methods.lora import moves_base
 from forgetless.registry import register, REGULARIZE, STARTS_AT_BASE, STRENGTH
 from forgetless.models.adapters import adapters_disabled, has_adapters, is_peft_model
+from forgetless.sharding import is_sharded, shard_module
 
 
 @dataclass
@@ -135,6 +136,11 @@ class KL(Method):
                 teacher = teacher.merge_and_unload()
             self.teacher = teacher.eval().requires_grad_(False).to(ctx.device)
 
+    def bind(self, model, ctx: Context) -> None:
+        if self.teacher is not None and is_sharded(model):  # FSDP2: the frozen copy sharded like the model
+            self.teacher = shard_module(self.teacher, model)
+            use_full_logits(self.teacher)
+
     @torch.no_grad()
     def teacher_outputs(self, model, input_ids, attention_mask, position_ids=None) -> Outputs:
         """The base model's forward on a batch: hidden states and a head that computes the base's logits.
@@ -199,5 +205,5 @@ register(
     "Distillation to the base model (LwF): KL(base ‖ model) on training or general data; no weight copy with adapters.",
     phase=REGULARIZE,
     provides={STARTS_AT_BASE: "", STRENGTH: ""},
-    backends=("single", "ddp", "qlora"),  # on a 4-bit base the teacher is the adapters-off model
+    backends=("single", "ddp", "fsdp2", "qlora"),  # on a 4-bit base the teacher is the adapters-off model
 )

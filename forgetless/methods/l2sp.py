@@ -18,7 +18,7 @@ from forgetless.config import option
 from forgetless.errors import ConfigError
 from forgetless.methods.base import Context, Method
 from forgetless.registry import register, REGULARIZE, STARTS_AT_BASE, STRENGTH
-from forgetless.methods.ewc import anchored_squares
+from forgetless.methods.ewc import anchored_squares, bind_anchored
 from forgetless.methods.fisher import trainable
 
 
@@ -48,6 +48,9 @@ class L2SP(Method):
         self.params = list(params.values())
         self.anchors = [p.detach().clone() for p in self.params]
 
+    def bind(self, model, ctx: Context) -> None:
+        self.params, self.anchors = bind_anchored(model, self.names, self.anchors)
+
     def step_terms(self, model) -> dict[str, torch.Tensor]:
         if self.anchors and self.anchors[0].device != self.params[0].device:  # the recipe moved the model
             self.anchors = [a.to(p.device) for a, p in zip(self.anchors, self.params)]
@@ -64,4 +67,4 @@ class L2SP(Method):
 
 
 register("l2sp", L2SPConfig, L2SP, "L2-SP: a squared-distance penalty pulling the weights toward their starting values.",
-         phase=REGULARIZE, provides={STARTS_AT_BASE: "", STRENGTH: ""}, backends=("single", "ddp", "qlora"))  # on a 4-bit base: the adapters
+         phase=REGULARIZE, provides={STARTS_AT_BASE: "", STRENGTH: ""}, backends=("single", "ddp", "fsdp2", "qlora"))  # on a 4-bit base: the adapters

@@ -56,13 +56,14 @@ from forgetless.errors import ConfigError, ForgetlessWarning, UserError
 from forgetless.files import CONFIG_FILE, FLIPS_FILE, METRICS_FILE, MODEL_DIR, flatten, write_atomic, write_text_atomic
 from forgetless.eval.flips import counts, flips_of_run
 from forgetless.eval.sets import EvalSet, evaluate_sets, harness_sets, make_eval_set
-from forgetless.loss import check_packing, forward as lm_forward
+from forgetless.loss import check_packing, forward as lm_forward, use_full_logits
 from forgetless.methods import Context, Method, build_methods
 from forgetless.models import load_model, load_tokenizer
 from forgetless.models.card import serving_notes, write_model_card
 from forgetless.models.saving import save_model
 from forgetless.progress import TrainProgress, console
 from forgetless.recipes.budget import Budget
+from forgetless.sharding import enable_on_cpu, fsdp2_requested, full, is_sharded, most_over_processes, unsharded
 from forgetless.support import check_backend
 from forgetless.registry import REGISTRY, TASK_STREAM
 from forgetless.rundir import check_run_dir, prepare_run_dir, write_summary
@@ -215,6 +216,8 @@ def train(cfg: RunConfig) -> RunResult:
     try:
         if multi_process and accelerator.num_processes == 1:
             raise UserError("launched as several processes, but they did not form a process group; check the launcher (use --nproc or torchrun)")
+        if multi_process and fsdp2_requested():
+            enable_on_cpu(accelerator)  # accelerate forms FSDP on accelerators only; a no-op where it did
 
         return _run(cfg, accelerator, trackers, set_seed)
     finally:
@@ -297,6 +300,7 @@ class Run:
     trainable: int
     total_params: int
     budget: Budget  # the forgetting budget's signal and controller (inactive without budget options)
+    sharded: bool = False  # FSDP2: parameters are DTensor shards (forgetless/sharding.py)
 
     def trainable_params(self) -> list:
         return [p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
@@ -316,11 +320,13 @@ def _setup(cfg: RunConfig, accelerator, trackers: list[str], ckpt: Optional[Chec
         raise ConfigError(f"data.max_length ({cfg.data.max_length}) exceeds the model's context ({context}); set data.max_length<={context}")
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    base_ids = {id(p) for p in model.parameters()}  # what methods add (adapters, experts) is saved in checkpoints
+    base_ids = {id(p) for p in model.parameters()}
     methods = build_methods(cfg.methods)
     ctx = Context.build(cfg, tokenizer, accelerator, None, train_examples, t.seed, resume_state=ckpt.methods if ckpt else None)
     for m in methods:
         model = _wrap(m, model, ctx)
+    # what methods add (adapters, experts) is saved in checkpoints; by name, which prepare() keeps
+    added = {n for n, p in model.named_parameters() if id(p) not in base_ids}
     sources, owners = [Source(TASK_STREAM, train_examples, 1.0)], [None]
     for m in methods:
         extra = m.extra_sources(ctx)
@@ -382,13 +388,23 @@ def _setup(cfg: RunConfig, accelerator, trackers: list[str], ckpt: Optional[Chec
     for m in methods:
         m.configure_optimizer(optimizer)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
+    sharding = getattr(accelerator, "is_fsdp2", False)
     if ckpt:
         if ckpt.trainer["data"] != fingerprint or ckpt.trainer["total_steps"] != total_steps:
             raise UserError(f"{ckpt.path}: the training data differs from the checkpoint's (a data file changed since?); resuming would not be exact, start a new run")
-        restore_model(model, ckpt.tensors("model.safetensors"), ckpt.path)
-        restore_optimizer(optimizer, model, ckpt.tensors("optimizer.safetensors"), ckpt.json("optimizer.json"), ckpt.path)
+        restore_model(model, ckpt.tensors("model.safetensors"), ckpt.path)  # the whole model: FSDP2 shards it in prepare()
+        if not sharding:
+            restore_optimizer(optimizer, model, ckpt.tensors("optimizer.safetensors"), ckpt.json("optimizer.json"), ckpt.path)
         restore_scheduler(scheduler, ckpt.trainer["scheduler"])
     model, optimizer = accelerator.prepare(model, optimizer)
+    sharded = is_sharded(model)
+    if sharded:
+        plain = accelerator.unwrap_model(model)
+        use_full_logits(plain)  # the head applied apart from an FSDP2 root's forward crashes its backward
+        if ckpt:  # the optimiser's states sharded like the parameters prepare() made
+            restore_optimizer(optimizer, plain, ckpt.tensors("optimizer.safetensors"), ckpt.json("optimizer.json"), ckpt.path)
+    for m in methods:  # the parameters prepare() made (FSDP2 replaces them): methods look theirs up again
+        m.bind(accelerator.unwrap_model(model), ctx)
     if ckpt and ckpt.trainer.get("scaler") and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(ckpt.trainer["scaler"])
     if main:
@@ -409,11 +425,11 @@ def _setup(cfg: RunConfig, accelerator, trackers: list[str], ckpt: Optional[Chec
         if state.before:
             log({"step": 0, "eval": state.before})
             fault("eval")
-    writer = CheckpointWriter(run_dir, accelerator, out.keep_last, base_ids)
+    writer = CheckpointWriter(run_dir, accelerator, out.keep_last, added)
     if ckpt:  # last: nothing in the setup above may draw from the restored random streams
         restore_rng(*ckpt.rng(accelerator.process_index))
     return Run(cfg, accelerator, tokenizer, model, optimizer, scheduler, methods, ctx, sources, batches, paired, references, eval_sets,
-               train_stats, state, writer, log, run_dir, trainable, total_params, budget)
+               train_stats, state, writer, log, run_dir, trainable, total_params, budget, sharded)
 
 
 def _wrap(method: Method, model, ctx: Context):
@@ -541,10 +557,16 @@ def _step(run: Run, step: int) -> StepOutcome:
     counts = [int(c) for c in _reduce_sum(acc, torch.tensor(local, dtype=torch.float64)).tolist()]
     global_targets = counts[0]
     jobs = [(m, mbs, world / max(c, 1)) for (m, mbs), c in zip(paired, counts[1:])]
+    pads: list[int] = []
+    if run.sharded:  # FSDP2 gathers parameters in every forward and backward: each process runs as many as the busiest
+        lengths = [len(micro)] + [len(mbs) for _, mbs in paired]
+        pads = [most - n for most, n in zip(most_over_processes(lengths, acc.device), lengths)]
     params = [p for p in run.model.parameters() if p.requires_grad]
     references = [(m, _reference_gradients(run, streams, step, params)) for m, streams in run.references]
-    sums = forward_backward(run.model, micro, acc, scale=world / max(global_targets, 1), methods=run.methods, paired=jobs)
+    sums = forward_backward(run.model, micro, acc, scale=world / max(global_targets, 1), methods=run.methods, paired=jobs, pads=pads)
     step_terms, paired_sums = sums.pop("step_terms"), sums.pop("paired")
+    if run.sharded and step_terms:  # each process added the penalty of its shards: the step's value is their sum
+        step_terms = dict(zip(step_terms, _reduce_sum(acc, torch.tensor(list(step_terms.values()), dtype=torch.float64)).tolist()))
     gradient = {}
     for m, ref in references:  # every process holds the same synchronised gradients, so each edits them alike
         gradient.update(m.edit_gradients(params, ref))
@@ -677,9 +699,12 @@ def _finish(run: Run) -> RunResult:
         **{s.name: {"role": s.role, "examples": len(s.examples), "metric": s.metric, "higher_is_better": s.higher_is_better} for s in run.eval_sets},
     }
     roles = {s.name: s.role for s in run.eval_sets}
+    if cfg.output.save_model:
+        with unsharded(unwrapped, keep=acc.is_main_process) if run.sharded else nullcontext():  # FSDP2: the whole weights, gathered by every process
+            if acc.is_main_process:
+                save_model(unwrapped, run.tokenizer, run.run_dir / MODEL_DIR, cfg)
     if acc.is_main_process:
         if cfg.output.save_model:
-            save_model(unwrapped, run.tokenizer, run.run_dir / MODEL_DIR, cfg)
             notes = serving_notes(unwrapped)
             for note in notes:
                 warnings.warn(f"serving: {note}", ForgetlessWarning, stacklevel=2)
@@ -707,7 +732,9 @@ def _grad_norm(model, accelerator, max_norm) -> float:
     if max_norm is not None:
         return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    if not grads:
+        return 0.0
+    return float(full(torch.nn.utils.get_total_norm(grads)))  # of FSDP2 shards: a DTensor, reduced over the processes
 
 
 def _save_run_config(cfg: RunConfig, run_dir: Path) -> None:
@@ -730,7 +757,8 @@ def _finished_result(run_dir: Path, summary: dict) -> RunResult:
                      summary.get("flips", {}))
 
 
-def forward_backward(model, micro_batches: list[dict], accelerator, scale: float, methods: list = (), paired: list = ()) -> dict:
+def forward_backward(model, micro_batches: list[dict], accelerator, scale: float, methods: list = (), paired: list = (),
+                     pads: list[int] = ()) -> dict:
     """Accumulate the gradients of one optimiser step.
 
     ``scale`` is ``world_size / global_target_tokens``: each micro-batch's *summed* token loss
@@ -743,6 +771,9 @@ def forward_backward(model, micro_batches: list[dict], accelerator, scale: float
     micro-batch; every process adds the same value, so DDP's average keeps it at weight 1.
     Gradients are synchronised across processes only on the last micro-batch. Every term is
     multiplied by its method's ``strength`` (1 unless a forgetting budget's controller moved it).
+    ``pads`` (FSDP2): how many more micro-batches of the training batch (first) and of each paired
+    entry to run, so that every process runs as many passes: copies of the last one, weighted 0
+    and left out of the sums.
 
     Returns this process's sums: ``{"lm": ..., <batch term>: ..., "step_terms": {name: value},
     "paired": {(index of its entry in paired, name): sum}}``. Every process must return the same
@@ -753,8 +784,11 @@ def forward_backward(model, micro_batches: list[dict], accelerator, scale: float
     step_values: dict[str, float] = {}
     paired_sums: dict[str, tuple] = {}
     plain = accelerator.unwrap_model(model)  # what methods see: the model without DDP's wrapper
-    jobs = [(None, b, scale) for b in micro_batches] + [(k, b, s) for k, (_, mbs, s) in enumerate(paired) for b in mbs]
-    for i, (owner, b, job_scale) in enumerate(jobs):
+    pads = list(pads) or [0] * (1 + len(paired))
+    jobs = [(None, b, scale, True) for b in micro_batches] + [(None, micro_batches[-1], 0.0, False)] * pads[0]
+    for k, (_, mbs, s) in enumerate(paired):
+        jobs += [(k, b, s, True) for b in mbs] + [(k, mbs[-1], 0.0, False)] * pads[1 + k]
+    for i, (owner, b, job_scale, real) in enumerate(jobs):
         last = i == len(jobs) - 1
         with nullcontext() if last else accelerator.no_sync(model):
             b = {k: v.to(accelerator.device) for k, v in b.items()}
@@ -764,12 +798,15 @@ def forward_backward(model, micro_batches: list[dict], accelerator, scale: float
             if owner is None:  # a micro-batch of the training batch
                 loss_sum, _ = out.token_loss(b["labels"])
                 total = loss_sum
-                sums["lm"] += loss_sum.detach().double().cpu()
+                if real:
+                    sums["lm"] += loss_sum.detach().double().cpu()
                 for m in methods:
                     for name, value in m.batch_terms(plain, b, out).items():
                         value = value * m.strength if m.strength != 1.0 else value
                         total = total + value
-                        sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64)) + value.detach().double().cpu()
+                        sums.setdefault(name, torch.zeros((), dtype=torch.float64))
+                        if real:
+                            sums[name] += value.detach().double().cpu()
             else:  # a micro-batch of a method's own data
                 total = out.anchor()
                 owner_method = paired[owner][0]
@@ -777,7 +814,9 @@ def forward_backward(model, micro_batches: list[dict], accelerator, scale: float
                     value = value * owner_method.strength if owner_method.strength != 1.0 else value
                     total = total + value
                     key = (owner, name)
-                    paired_sums[key] = paired_sums.get(key, torch.zeros((), dtype=torch.float64)) + value.detach().double().cpu()
+                    paired_sums.setdefault(key, torch.zeros((), dtype=torch.float64))
+                    if real:
+                        paired_sums[key] += value.detach().double().cpu()
             total = total * job_scale
             if last:
                 for m in methods:

@@ -13,9 +13,9 @@ from tests.conftest import fast_overrides
 pytestmark = pytest.mark.slow
 
 
-def _run(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+def _run(args: list[str], timeout: int = 240, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run in a new process group and kill the whole group on timeout, so no worker outlives the test."""
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)

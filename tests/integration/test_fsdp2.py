@@ -1,0 +1,132 @@
+"""FSDP2 on CPU (gloo): two sharded processes train like one process with the same global batch.
+
+Every method the support table marks for FSDP2 runs its example config (configs/examples/) with
+``--nproc 2 --fsdp2`` and alone; the losses, every logged term (penalties non-zero and equal),
+the final scores and the saved weights must agree. A killed and resumed FSDP2 run is bit-identical
+to an uninterrupted one. Each test starts its processes in a new process group and kills the group
+when it ends, so no worker outlives a test.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from forgetless.registry import REGISTRY
+from tests.conftest import FAST_MODEL
+from tests.integration.test_distributed import _run
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "configs" / "examples"
+SHARDED = sorted(n for n, spec in REGISTRY.items() if "fsdp2" in spec.backends)
+# the examples' methods on the shrunk run; lora_replay_kl: KL with the adapters switched off, replay and LoRA at once
+CASES = ["full_finetune", *SHARDED, "lora_replay_kl"]
+NEEDS = {"synthetic_replay": ["methods.synthetic_replay.drop_unfinished=false"]}
+
+
+def _overrides(out: Path, name: str, accum: int, *extra: str) -> list[str]:
+    return [
+        str(EXAMPLES / f"{name}.yaml"), *FAST_MODEL, f"output.dir={out}", "output.progress=false", "output.log_every=1",
+        "train.max_steps=3", "train.micro_batch_size=2", f"train.grad_accum_steps={accum}", "eval.max_examples=6",
+        "eval.max_new_tokens=4", *NEEDS.get(name, ()), *extra,
+    ]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _steps(run_dir: Path) -> list[dict]:
+    return [r for r in _records(run_dir) if "loss" in r]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted((run_dir / "model").glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _train(out: Path, name: str, processes: int, *extra: str, env=None):
+    accum = 4 // processes  # the same global batch of 4 x 2 examples
+    args = [sys.executable, "-m", "forgetless", "train", *_overrides(out, name, accum, *extra)]
+    if processes > 1:
+        args += ["--nproc", str(processes), "--fsdp2"]
+    return _run(args, env=env)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_two_sharded_processes_match_one(tmp_path, name):
+    one = _train(tmp_path / "one", name, 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _train(tmp_path / "two", name, 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    s1, s2 = _steps(tmp_path / "one"), _steps(tmp_path / "two")
+    assert len(s1) == len(s2) == 3
+    assert [r["loss"] for r in s2] == pytest.approx([r["loss"] for r in s1], rel=1e-4)
+    assert [r["grad_norm"] for r in s2] == pytest.approx([r["grad_norm"] for r in s1], rel=1e-3)
+    for r1, r2 in zip(s1, s2):  # every method's logged term, summed over the shards where it is a penalty
+        assert set(r1.get("terms", {})) == set(r2.get("terms", {}))
+        for term, v in r1.get("terms", {}).items():
+            assert r2["terms"][term] == pytest.approx(v, rel=2e-3, abs=1e-6), term
+    if name in ("l2sp", "ewc", "kl"):
+        assert s2[-1]["terms"][name] > 0  # a penalty that does something, equal on both
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["train"]["processes"] == 2
+    alone = json.loads((tmp_path / "one" / "summary.json").read_text())
+    for name_, scores in alone["after"].items():  # scored whole on every process, the same as alone
+        for metric, v in scores.items():
+            assert summary["after"][name_][metric] == pytest.approx(v, rel=1e-3, abs=1e-4), (name_, metric)
+    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert w1.keys() == w2.keys() and w1
+    for k in w1:
+        assert torch.allclose(w1[k].float(), w2[k].float(), atol=1e-5), k
+
+
+def test_killed_and_resumed_sharded_run_is_bit_identical(tmp_path):
+    """Killed after step 3's record (before its checkpoint), resumed from step 2's checkpoint (gathered
+    whole, sharded again at the resume): the same losses, terms and weights as an uninterrupted run."""
+    extra = ("train.max_steps=4", "output.checkpoint_every=1", "output.keep_checkpoints=true")
+    whole = _train(tmp_path / "whole", "l2sp", 2, *extra)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = _train(tmp_path / "cut", "l2sp", 2, *extra, env={"FORGETLESS_FAULT": "step:3"})
+    assert killed.returncode != 0
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    resumed = _run([sys.executable, "-m", "forgetless", "train", *_overrides(tmp_path / "cut", "l2sp", 2, *extra), "--resume",
+                    "--nproc", "2", "--fsdp2"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _steps(tmp_path / "whole"), _steps(tmp_path / "cut")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["terms"] for r in a] == [r["terms"] for r in b]
+    wa, wb = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ca = load_file(str(tmp_path / "whole" / "checkpoints" / "step-000004" / "optimizer.safetensors"))
+    cb = load_file(str(tmp_path / "cut" / "checkpoints" / "step-000004" / "optimizer.safetensors"))
+    assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["methods.dft={}"], "methods.dft does not run on FSDP2"),
+    (["methods.agem.memory=[{path: PC}]", "methods.agem.size_examples=8"], "methods.agem does not run on FSDP2"),
+    (["budget.every_steps=2"], "the forgetting budget"),
+])
+def test_refusals_under_fsdp2(tmp_path, pc_file, extra, words):
+    """What does not run sharded is refused in one line before any process starts."""
+    from tests.conftest import fast_overrides
+
+    extra = [e.replace("PC", str(pc_file)) for e in extra]
+    r = _run([sys.executable, "-m", "forgetless", "train", *fast_overrides(tmp_path / "r", pc_file, *extra), "--nproc", "2", "--fsdp2"])
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert words in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_fsdp2_needs_several_processes(tmp_path, pc_file):
+    from tests.conftest import fast_overrides
+
+    r = _run([sys.executable, "-m", "forgetless", "train", *fast_overrides(tmp_path / "r", pc_file), "--fsdp2"])
+    assert r.returncode == 2 and "--fsdp2 shards over several processes" in r.stderr
