@@ -16,9 +16,15 @@ keeps (read from forgetless/methods/*.py; the rule is printed beside each row):
 - MoFO: a copy of the trainable weights during each step (their dtype);
 - A-GEM / GEM: one gradient copy per memory group (their dtype);
 - the forgetting budget's restore: one copy of the trainable weights on the CPU (their dtype);
-- mix, replay, synthetic replay, FLOW, DFT, EAFT: no per-parameter state.
+- mix, replay, synthetic replay, FLOW, DFT, EAFT: no per-parameter state;
+- ``anchor_dtype: bfloat16`` (L2-SP, EWC) keeps anchors and weight x Fisher in 2 bytes whatever
+  the weights' dtype: it matters for float32 weights (the last setting of the table);
+- FSDP2 over N processes (the last column): weights, gradients, AdamW's moments, the anchors, the
+  weight x Fisher tensors, EWC's raw Fisher (then kept as shards on the device, not whole on the
+  CPU) and KL's frozen copy are sharded like the parameters, so each is divided by N; methods
+  the support table refuses under FSDP2 say so.
 
-    python benchmarks/memory_8b.py            # prints the markdown table (a second, no download)
+    python benchmarks/memory_8b.py --processes 8   # prints the markdown table (a second, no download)
 """
 
 from __future__ import annotations
@@ -45,28 +51,37 @@ def lora_params(model, r: int) -> int:
                if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
 
 
-def table(bytes_per: int = 2, r: int = 16, chunk: int = 8, groups: int = 1) -> str:
+def table(bytes_per: int = 2, r: int = 16, chunk: int = 8, groups: int = 1, processes: int = 8) -> str:
     model = llama_8b()
     total = sum(p.numel() for p in model.parameters())
     lora = lora_params(model, r)
-    rows = []
+    n = processes
+    rows = []  # (trained, what, device bytes with one process, CPU bytes, device bytes per process under FSDP2 or None: refused, rule)
     for setting, trainable, adapters in (("full fine-tuning", total, False), (f"LoRA r={r}, all linear", lora, True)):
         base = total * bytes_per + trainable * bytes_per * 3  # weights + gradients + AdamW's two moments
-        rows.append((setting, "the run itself: weights, gradients, AdamW", base, 0, "weights + 3 x trainable"))
-        rows.append((setting, "l2sp", trainable * bytes_per, 0, "1 x trainable (anchor)"))
-        rows.append((setting, "ewc", 2 * trainable * bytes_per, trainable * 4, "2 x trainable on the device; Fisher fp32 on the CPU"))
+        rows.append((setting, "the run itself: weights, gradients, AdamW", base, 0, base / n, "weights + 3 x trainable"))
+        rows.append((setting, "l2sp", trainable * bytes_per, 0, trainable * bytes_per / n, "1 x trainable (anchor)"))
+        rows.append((setting, "ewc", 2 * trainable * bytes_per, trainable * 4, (2 * trainable * bytes_per + trainable * 4) / n,
+                     "2 x trainable on the device; Fisher fp32 on the CPU (FSDP2: its shards on the device)"))
         rows.append((setting, f"ewc, while the Fisher is estimated (chunk_size {chunk})", chunk * trainable * bytes_per, 0,
-                     "chunk_size x trainable, transient"))
-        rows.append((setting, "kl", 0 if adapters else total * bytes_per, 0, "adapters off" if adapters else "frozen copy of the model"))
-        rows.append((setting, "mofo", trainable * bytes_per, 0, "1 x trainable during the step"))
-        rows.append((setting, f"a-gem / gem ({groups} group)", groups * trainable * bytes_per, 0, "1 x trainable per group"))
-        rows.append((setting, "budget (restore on)", 0, trainable * bytes_per, "1 x trainable on the CPU"))
-        rows.append((setting, "mix, replay, synthetic replay, flow, dft, eaft", 0, 0, "no per-parameter state"))
+                     chunk * trainable * bytes_per, "chunk_size x trainable, transient, before sharding"))
+        kl = 0 if adapters else total * bytes_per
+        rows.append((setting, "kl", kl, 0, kl / n, "adapters off" if adapters else "frozen copy of the model"))
+        rows.append((setting, "mofo", trainable * bytes_per, 0, None, "1 x trainable during the step"))
+        rows.append((setting, f"a-gem / gem ({groups} group)", groups * trainable * bytes_per, 0, None, "1 x trainable per group"))
+        rows.append((setting, "budget (restore on)", 0, trainable * bytes_per, None, "1 x trainable on the CPU"))
+        rows.append((setting, "mix, replay, synthetic replay, flow, dft, eaft", 0, 0, 0, "no per-parameter state"))
+    setting = "full fine-tuning, float32 weights"
+    rows.append((setting, "the run itself: weights, gradients, AdamW", total * 16, 0, total * 16 / n, "4 x trainable, 4 bytes each"))
+    for what, kept in (("l2sp / ewc anchors, anchor_dtype auto", 4), ("l2sp / ewc anchors, anchor_dtype bfloat16", 2)):
+        rows.append((setting, what, total * kept, 0, total * kept / n, f"1 x trainable, {kept} bytes (EWC: twice, with weight x Fisher)"))
     lines = [f"Llama-3.1-8B shapes: {total:,} parameters; LoRA r={r} on every linear layer of the blocks: {lora:,} "
-             f"({100 * lora / total:.2f}%); weights in bfloat16 ({bytes_per} bytes).", "",
-             "| trained | what | device GB | CPU GB | rule |", "| --- | --- | --- | --- | --- |"]
-    for setting, what, device, cpu, rule in rows:
-        lines.append(f"| {setting} | {what} | {device / GB:,.1f} | {cpu / GB:,.1f} | {rule} |")
+             f"({100 * lora / total:.2f}%); weights in bfloat16 ({bytes_per} bytes) unless the row says otherwise.", "",
+             f"| trained | what | device GB | CPU GB | device GB per process, FSDP2 x {n} | rule |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for setting, what, device, cpu, sharded, rule in rows:
+        shard = "refused" if sharded is None else f"{sharded / GB:,.1f}"
+        lines.append(f"| {setting} | {what} | {device / GB:,.1f} | {cpu / GB:,.1f} | {shard} | {rule} |")
     return "\n".join(lines)
 
 
@@ -74,8 +89,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--chunk-size", type=int, default=8, help="EWC's methods.ewc.chunk_size")
+    ap.add_argument("--processes", type=int, default=8, help="processes FSDP2 shards over (the last column)")
     args = ap.parse_args()
-    print(table(r=args.r, chunk=args.chunk_size))
+    print(table(r=args.r, chunk=args.chunk_size, processes=args.processes))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,10 @@ class EWCConfig:
     data: Optional[DatasetSpec] = option(None, "Old-task or general data to compute the Fisher on (default: the first data.keep set).")
     samples: int = option(128, "Examples of the data used for the Fisher (the first N).")
     chunk_size: int = option(8, "Examples whose per-example gradients are computed at once (memory: chunk_size x trainable parameters).")
+    anchor_dtype: Literal["auto", "bfloat16"] = option(
+        "auto", "dtype the anchors and the weight x Fisher tensors are kept in on the device: 'auto', the parameters' own; "
+        "'bfloat16' halves them for float32 weights (the penalty is still computed in the parameters' dtype)."
+    )
     normalize: Literal["none", "max", "mean"] = option(
         "none",
         "Divide the Fisher used in the penalty by its largest ('max') or mean ('mean') value over all parameters, "
@@ -129,6 +133,16 @@ def anchored_squares(params: list, anchors: list, weights) -> torch.Tensor:
     return _AnchoredSquares.apply(weights, anchors, *params)
 
 
+def kept_dtype(param: torch.Tensor, choice: str) -> torch.dtype:
+    """The dtype per-parameter state is kept in: the parameter's ('auto'), or bfloat16 for floating weights."""
+    return torch.bfloat16 if choice == "bfloat16" and param.is_floating_point() else param.dtype
+
+
+def anchor_copy(param: torch.Tensor, choice: str) -> torch.Tensor:
+    """A detached copy of ``param`` in :func:`kept_dtype`."""
+    return param.detach().to(dtype=kept_dtype(param, choice), copy=True)
+
+
 def bind_anchored(model, names: list[str], *per_param: list) -> tuple:
     """The trainable parameters ``names`` of ``model`` as ``prepare()`` left them, and each list of
     per-parameter tensors (whole, captured before) sharded like them (FSDP2; unchanged otherwise)."""
@@ -175,7 +189,7 @@ class EWC(Method):
             fisher = {n: cfg.gamma * previous[n].to(f) + f for n, f in fisher.items()}
         self.names = list(params)
         self.params = list(params.values())
-        self.anchors = [p.detach().clone() for p in self.params]
+        self.anchors = [anchor_copy(p, self.cfg.anchor_dtype) for p in self.params]
         self.fisher = [fisher[n].cpu() for n in self.names]  # off the accelerator: the penalty uses self.weights
         self._set_weights()
 
@@ -185,7 +199,8 @@ class EWC(Method):
         if top == 0:
             warnings.warn("methods.ewc: the Fisher is zero on every trainable parameter, so the penalty is zero", stacklevel=2)
         scale = {"none": 1.0, "max": top, "mean": self.fisher_mean()}[self.cfg.normalize] or 1.0
-        self.weights = [(f * (self.cfg.weight / scale)).to(device=p.device, dtype=p.dtype) for f, p in zip(self.fisher, self.params)]
+        self.weights = [(f * (self.cfg.weight / scale)).to(device=p.device, dtype=kept_dtype(p, self.cfg.anchor_dtype))
+                        for f, p in zip(self.fisher, self.params)]
 
     def fisher_max(self) -> float:
         return float(torch.stack([f.max() for f in self.fisher]).max())

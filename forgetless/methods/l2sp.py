@@ -11,6 +11,7 @@ weight as equally important. Added once per optimiser step, next to the token-me
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -18,7 +19,7 @@ from forgetless.config import option
 from forgetless.errors import ConfigError
 from forgetless.methods.base import Context, Method
 from forgetless.registry import register, REGULARIZE, STARTS_AT_BASE, STRENGTH
-from forgetless.methods.ewc import anchored_squares, bind_anchored
+from forgetless.methods.ewc import anchor_copy, anchored_squares, bind_anchored
 from forgetless.methods.fisher import trainable
 
 
@@ -27,6 +28,10 @@ class L2SPConfig:
     """Squared distance to the starting weights."""
 
     weight: float = option(0.01, "alpha: strength of the penalty weight/2 * ||theta - theta_0||^2.")
+    anchor_dtype: Literal["auto", "bfloat16"] = option(
+        "auto", "dtype the anchors theta_0 are kept in on the device: 'auto', the parameters' own; 'bfloat16' halves them "
+        "for float32 weights (the penalty is still computed in the parameters' dtype)."
+    )
 
     def validate(self, where: str) -> None:
         if self.weight < 0:
@@ -46,7 +51,7 @@ class L2SP(Method):
         params = trainable(model)
         self.names = list(params)
         self.params = list(params.values())
-        self.anchors = [p.detach().clone() for p in self.params]
+        self.anchors = [anchor_copy(p, self.cfg.anchor_dtype) for p in self.params]
 
     def bind(self, model, ctx: Context) -> None:
         self.params, self.anchors = bind_anchored(model, self.names, self.anchors)

@@ -24,7 +24,9 @@ pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parents[2] / "configs" / "examples"
 SHARDED = sorted(n for n, spec in REGISTRY.items() if "fsdp2" in spec.backends)
 # the examples' methods on the shrunk run; lora_replay_kl: KL with the adapters switched off, replay and LoRA at once
-CASES = ["full_finetune", *SHARDED, "lora_replay_kl"]
+CASES = [(n, ()) for n in ("full_finetune", *SHARDED, "lora_replay_kl")]
+# anchors kept in bfloat16 and sharded, with activation checkpointing under FSDP2
+CASES.append(("ewc", ("methods.ewc.anchor_dtype=bfloat16", "train.gradient_checkpointing=true")))
 NEEDS = {"synthetic_replay": ["methods.synthetic_replay.drop_unfinished=false"]}
 
 
@@ -52,6 +54,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _train(out: Path, name: str, processes: int, *extra: str, env=None):
+    """The example config of ``name``, with 1 process, or with ``processes`` under FSDP2."""
     accum = 4 // processes  # the same global batch of 4 x 2 examples
     args = [sys.executable, "-m", "forgetless", "train", *_overrides(out, name, accum, *extra)]
     if processes > 1:
@@ -59,11 +62,12 @@ def _train(out: Path, name: str, processes: int, *extra: str, env=None):
     return _run(args, env=env)
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_two_sharded_processes_match_one(tmp_path, name):
-    one = _train(tmp_path / "one", name, 1)
+@pytest.mark.parametrize("name, extra", CASES, ids=[n + ("-" + "-".join(e.split("=")[0].rsplit(".", 1)[-1] for e in x) if x else "")
+                                                     for n, x in CASES])
+def test_two_sharded_processes_match_one(tmp_path, name, extra):
+    one = _train(tmp_path / "one", name, 1, *extra)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _train(tmp_path / "two", name, 2)
+    two = _train(tmp_path / "two", name, 2, *extra)
     assert two.returncode == 0, two.stderr[-3000:]
     s1, s2 = _steps(tmp_path / "one"), _steps(tmp_path / "two")
     assert len(s1) == len(s2) == 3

@@ -71,6 +71,23 @@ def test_penalty_is_zero_at_start_and_its_gradient_is_the_formula():
         torch.testing.assert_close(p.grad, 7.5 * fisher[n] * (p.detach() - start[n]), rtol=1e-5, atol=1e-12)
 
 
+def test_bfloat16_state_halves_the_device_tensors_and_gives_the_formula_on_them():
+    model = tiny()
+    ewc, _ = start_ewc(model, "methods.ewc.weight=7.5", "methods.ewc.anchor_dtype=bfloat16")
+    assert all(t.dtype == torch.bfloat16 for t in [*ewc.anchors, *ewc.weights])
+    assert all(f.dtype == torch.float32 for f in ewc.fisher)  # the raw Fisher (saved, accumulated) stays float32
+    perturb(model)
+    value = ewc.step_terms(model)["ewc"]
+    value.backward()
+    params = dict(model.named_parameters())
+    w = {n: t.float() for n, t in zip(ewc.names, ewc.weights)}
+    a = {n: t.float() for n, t in zip(ewc.names, ewc.anchors)}
+    expected = sum(float((w[n].double() * (params[n].detach().double() - a[n].double()) ** 2).sum()) for n in w) / 2
+    assert value.item() == pytest.approx(expected, rel=1e-5) and expected > 0
+    for n in w:
+        torch.testing.assert_close(params[n].grad, w[n] * (params[n].detach() - a[n]), rtol=1e-5, atol=1e-12)
+
+
 def test_empirical_kind_uses_the_data_labels():
     model = tiny()
     ewc, ctx = start_ewc(model, "methods.ewc.fisher=empirical", "methods.ewc.samples=4")

@@ -49,6 +49,23 @@ def test_penalty_is_zero_at_start_and_its_gradient_is_the_formula():
     assert l2sp.describe()["anchored_params"] == sum(p.numel() for p in trainable.values())
 
 
+def test_bfloat16_anchors_take_half_the_memory_and_give_the_formula_on_the_rounded_anchors():
+    model = tiny()
+    l2sp = L2SP(L2SPConfig(weight=0.3, anchor_dtype="bfloat16"))
+    l2sp.before_train(model, None)
+    assert all(a.dtype == torch.bfloat16 for a in l2sp.anchors)
+    assert sum(a.nbytes for a in l2sp.anchors) * 2 == sum(p.nbytes for p in model.parameters())
+    rounded = {n: p.detach().to(torch.bfloat16).float() for n, p in model.named_parameters()}
+    perturb(model)
+    value = l2sp.step_terms(model)["l2sp"]
+    value.backward()
+    expected = 0.3 / 2 * sum(float(((p.detach().double() - rounded[n].double()) ** 2).sum()) for n, p in model.named_parameters())
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+    for n, p in model.named_parameters():
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, 0.3 * (p.detach() - rounded[n]), rtol=1e-5, atol=1e-12)
+
+
 def test_state_dict_restores_the_anchors():
     model = tiny()
     first = L2SP(L2SPConfig(weight=1.0))
