@@ -54,6 +54,7 @@ class MixedBatches:
         self._perms: dict[tuple[int, int], list[int]] = {}
         # the shares from a step on, when they change during the run (a forgetting budget's controller)
         self.segments: list[tuple[int, list[float]]] = [(0, list(self.shares))]
+        self._counts: list[list[int]] = [[0] * len(sources)]  # _given(s) for s = 0 .. len - 1, computed in order
 
     def set_shares(self, from_step: int, weights: list[float]) -> None:
         """Draw in the shares ``weights`` (normalised) from optimiser step ``from_step`` on; the
@@ -64,6 +65,7 @@ class MixedBatches:
         if from_step < self.segments[-1][0]:
             raise ValueError(f"shares change at step {from_step}, before the last change ({self.segments[-1][0]})")
         shares = [w / total for w in weights]
+        del self._counts[from_step + 1:]  # counts up to from_step depend on earlier steps' shares only
         if from_step == self.segments[-1][0]:
             self.segments[-1] = (from_step, shares)
         else:
@@ -86,19 +88,41 @@ class MixedBatches:
             return self._given(step)[0] / len(self.sources[0].examples)
         return step * self.task_per_step / len(self.sources[0].examples)
 
-    def _given(self, step: int) -> list[int]:
-        """Examples each source has given in steps ``0 .. step-1``."""
+    def _quotas(self, step: int) -> list[float]:
+        """What each source's shares ask of steps ``0 .. step-1``, in examples (not whole)."""
         quotas = [0.0] * len(self.sources)
         for k, (start, shares) in enumerate(self.segments):
             end = self.segments[k + 1][0] if k + 1 < len(self.segments) else None
             steps = max(0, (step if end is None else min(step, end)) - start)
             quotas = [q + steps * self.global_batch * w for q, w in zip(quotas, shares)]
+        return quotas
+
+    def _rounded(self, step: int) -> list[int]:
+        """The cumulative quotas of steps ``0 .. step-1`` rounded to whole examples (largest remainder)."""
+        quotas = self._quotas(step)
         counts = [math.floor(q) for q in quotas]
-        short = step * self.global_batch - sum(counts)
         order = sorted(range(len(quotas)), key=lambda j: (-(quotas[j] - counts[j]), j))
-        for j in order[:short]:
+        for j in order[: step * self.global_batch - sum(counts)]:
             counts[j] += 1
         return counts
+
+    def _given(self, step: int) -> list[int]:
+        """Examples each source has given in steps ``0 .. step-1``: the rounded quotas, except where
+        rounding afresh would take an example back from a source (possible with three or more
+        sources, the apportionment paradox; a batch would then be one example too many). There the
+        source keeps its count, and the sources furthest above their quotas give up the difference.
+        Built step by step (and kept), so that no count ever decreases."""
+        while len(self._counts) <= step:
+            given = self._counts[-1]
+            counts = [max(r, g) for r, g in zip(self._rounded(len(self._counts)), given)]
+            excess = sum(counts) - len(self._counts) * self.global_batch
+            if excess:
+                quotas = self._quotas(len(self._counts))
+                for _ in range(excess):
+                    j = max((j for j in range(len(counts)) if counts[j] > given[j]), key=lambda j: (counts[j] - quotas[j], -j))
+                    counts[j] -= 1
+            self._counts.append(counts)
+        return list(self._counts[step])
 
     def _perm(self, source: int, epoch: int) -> list[int]:
         key = (source, epoch)

@@ -3,7 +3,8 @@
 Every method the support table marks for FSDP2 runs its example config (configs/examples/) with
 ``--nproc 2 --fsdp2`` and alone; the losses, every logged term (penalties non-zero and equal),
 the final scores and the saved weights must agree. A killed and resumed FSDP2 run is bit-identical
-to an uninterrupted one. Each test starts its processes in a new process group and kills the group
+to an uninterrupted one. A few methods whose multi-process paths differ most are checked the same
+way under DDP. Each test starts its processes in a new process group and kills the group
 when it ends, so no worker outlives a test.
 """
 
@@ -53,21 +54,32 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _train(out: Path, name: str, processes: int, *extra: str, env=None):
-    """The example config of ``name``, with 1 process, or with ``processes`` under FSDP2."""
+def _train(out: Path, name: str, processes: int, *extra: str, env=None, fsdp2: bool = True):
+    """The example config of ``name``, with 1 process, or with ``processes`` under FSDP2 (or DDP)."""
     accum = 4 // processes  # the same global batch of 4 x 2 examples
     args = [sys.executable, "-m", "forgetless", "train", *_overrides(out, name, accum, *extra)]
     if processes > 1:
-        args += ["--nproc", str(processes), "--fsdp2"]
+        args += ["--nproc", str(processes), *(["--fsdp2"] if fsdp2 else [])]
     return _run(args, env=env)
 
 
 @pytest.mark.parametrize("name, extra", CASES, ids=[n + ("-" + "-".join(e.split("=")[0].rsplit(".", 1)[-1] for e in x) if x else "")
                                                      for n, x in CASES])
 def test_two_sharded_processes_match_one(tmp_path, name, extra):
+    _two_match_one(tmp_path, name, extra, fsdp2=True)
+
+
+# DDP (each process a full copy) on the same check, for methods whose multi-process paths differ
+# most: A-GEM's reference gradients, EWC's Fisher before training, KL with replay and LoRA
+@pytest.mark.parametrize("name", ["agem", "ewc", "lora_replay_kl"])
+def test_two_ddp_processes_match_one(tmp_path, name):
+    _two_match_one(tmp_path, name, (), fsdp2=False)
+
+
+def _two_match_one(tmp_path, name: str, extra, fsdp2: bool) -> None:
     one = _train(tmp_path / "one", name, 1, *extra)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _train(tmp_path / "two", name, 2, *extra)
+    two = _train(tmp_path / "two", name, 2, *extra, fsdp2=fsdp2)
     assert two.returncode == 0, two.stderr[-3000:]
     s1, s2 = _steps(tmp_path / "one"), _steps(tmp_path / "two")
     assert len(s1) == len(s2) == 3

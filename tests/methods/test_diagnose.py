@@ -35,3 +35,20 @@ def test_diagnose_a_run_that_forgot(scenario, capsys):
 def test_diagnose_refuses_what_it_cannot_do(tmp_path, capsys):
     assert main(["diagnose", str(tmp_path)]) == 2
     assert "not a finished run directory" in capsys.readouterr().err
+
+
+def test_diagnose_a_keep_set_read_through_columns(tmp_path, pc_file, capsys):
+    """A keep set whose records name their fields otherwise (``columns``): diagnose reads them mapped
+    once (it used to map them a second time and crash), trains on k of them and scores the rest."""
+    from tests.conftest import fast_overrides, write_jsonl
+
+    old = write_jsonl(tmp_path / "old.jsonl", [{"question": f"What is {i} times two?", "answer": f" {2 * i}"} for i in range(16)])
+    run_dir = tmp_path / "run"
+    keep = f"data.keep.old={{path: {old}, columns: {{prompt: question, completion: answer}}}}"
+    assert main(["train", *fast_overrides(run_dir, pc_file, keep, "train.max_steps=2", "eval.generation=false")]) == 0
+    capsys.readouterr()
+    assert main(["diagnose", str(run_dir), "--k", "4", "--steps", "1"]) == 0
+    r = json.loads((run_dir / "diagnose.json").read_text())["sets"]["old"]
+    assert r["scored_examples"] == 8  # 16 records, 4 trained on, the rest capped at eval.max_examples (8)
+    assert r["metric"] == "token_accuracy"  # with eval.generation=false, prompt/completion records' headline
+    assert all(isinstance(r[k], float) for k in ("start", "final", "recovered"))
