@@ -43,7 +43,7 @@ def config(probes, name: str, methods: dict, budget: dict, max_drop: float, out:
 
 def checks(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{"step": r["step"], **r["budget"]} for r in map(json.loads, lines) if "budget" in r and r["budget"].get("action") != "end"]
+    return [{"step": r["step"], **r["budget"]} for r in map(json.loads, lines) if "budget" in r and "kl" in r["budget"]]  # not the end's
 
 
 def main() -> None:
@@ -54,6 +54,10 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=5, help="budget.every_steps")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--aim", type=float, default=1.0, help="budget.aim of the budgeted run")
+    ap.add_argument("--restore", action="store_true", help="the budgeted run restores the last weights inside the budget at the end")
+    ap.add_argument("--budgeted-only", action="store_true", help="run the budgeted run alone (the grid's rows come from --grid-json)")
+    ap.add_argument("--grid-json", type=Path, help="with --budgeted-only: an earlier --json whose fixed rows to compare with")
     args = ap.parse_args()
     if args.model is None:
         from forgetless.models.fetch import fetch
@@ -66,9 +70,13 @@ def main() -> None:
     runs = {"full fine-tuning": ({}, fixed)}
     for share in GRID:
         runs[f"replay {share}"] = ({"synthetic_replay": {**REPLAY, "ratio": share}}, fixed)
-    runs["budgeted (replay 0.25 to start)"] = ({"synthetic_replay": {**REPLAY, "ratio": 0.25}},
-                                               {"every_steps": args.every, "keep_sample": 16, "restore": False})
+    label = f"budgeted (replay 0.25 to start, checks every {args.every}, aim {args.aim}{', restore' if args.restore else ''})"
+    runs[label] = ({"synthetic_replay": {**REPLAY, "ratio": 0.25}},
+                   {"every_steps": args.every, "keep_sample": 16, "restore": args.restore, "aim": args.aim})
     rows = []
+    if args.budgeted_only:
+        rows = [r for r in json.loads(args.grid_json.read_text())["rows"] if not r["name"].startswith("budgeted")]
+        runs = {label: runs[label]}
     for name, (methods, budget) in runs.items():
         slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
         cfg = config(probes, slug, methods, budget, args.max_drop, args.out)
@@ -81,7 +89,7 @@ def main() -> None:
                      "drop": s["before"]["capitals"]["score"] - s["after"]["capitals"]["score"],
                      "kl_mean": sum(x["kl"] for x in c) / len(c) if c else None, "sample_drop_last": c[-1]["drop"].get("capitals") if c else None,
                      "train_s": s["train"]["train_time_s"], "wall_s": row["wall_s"], "strength_end": b.get("strength"),
-                     "shares_end": b.get("shares"), "changes": b.get("changes")})
+                     "shares_end": b.get("shares"), "changes": b.get("changes"), "restored_step": b.get("restored_step")})
         r = rows[-1]
         print(f"{name:34s} learned {r['learned']:.2f}  capitals {r['capitals_before']:.2f} -> {r['capitals_after']:.2f} (drop {r['drop']:+.2f})"
               f"  KL mean {r['kl_mean']:.3f}  ({r['wall_s']:.0f} s)", flush=True)

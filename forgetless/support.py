@@ -66,6 +66,8 @@ def sharded_refusal(cfg) -> Optional[str]:
         return "the forgetting budget (budget.*, data.keep.*.max_drop) does not run under FSDP2 yet"
     if cfg.eval.harness.tasks:
         return "eval.harness (lm-eval) does not run under FSDP2: it scores on the main process alone"
+    if cfg.model.load_in_4bit:
+        return "model.load_in_4bit (QLoRA) is not tested under FSDP2"
     return None
 
 

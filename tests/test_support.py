@@ -47,6 +47,7 @@ def test_what_is_refused_and_why():
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["methods.l2sp.weight=1", "budget.kl_max=0.1"], "the forgetting budget"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["eval.harness.tasks=[arc_easy]"], "eval.harness (lm-eval) does not run under FSDP2"),
     ({"ACCELERATE_USE_FSDP": "true"}, [], "forgetless does not run under FSDP1 or DeepSpeed yet"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["model.load_in_4bit=true", "methods.lora.r=8"], "not tested under FSDP2"),
     ({}, ["model.load_in_4bit=true", "methods.lora.r=8"], "needs a CUDA GPU"),
 ])
 def test_check_backend_refuses_in_one_line(env, overrides, message):

@@ -20,8 +20,10 @@ has its strength multiplied by one factor ``s``: the loss terms of kl, l2sp and 
 (forgetless/recipes/finetune.py applies it), the batch share of mix's, replay's and
 synthetic_replay's streams (their starting shares times ``s``, all mixed-in streams together at
 most MAX_MIXED of a batch; from the next step on, the earlier batches unchanged).
-At every check, with ``v`` the worst relative violation over the limits, ``(drop - max) / max``,
-``log s`` moves by ``step_size * min(v, 2)`` over budget and by ``relax * step_size * max(v, -1)``
+At every check, with ``v`` the worst relative violation over the limits, ``(drop - aim * max) /
+(aim * max)`` (``budget.aim``, default 1; below 1 the controller steers inside each limit, a margin
+for the noise of a small keep sample; inside or over is still judged against ``max``), ``log s``
+moves by ``step_size * min(v, 2)`` over budget and by ``relax * step_size * max(v, -1)``
 inside it, within [min_scale, max_scale]: dual ascent on the budget constraint, in log space, so
 ``s`` grows while the run is over budget and shrinks (the model may learn more) while it is
 inside. The weights of the last check inside the budget are kept (trainable parameters, on the
@@ -96,6 +98,11 @@ def worst_violation(drops: dict[str, float], limits: dict[str, float]) -> Option
     """``max over limits of (drop - max) / max(max, FLOOR)``: above 0 is over budget. None without limits."""
     values = [(drops[n] - m) / max(m, FLOOR) for n, m in limits.items() if n in drops and drops[n] is not None]
     return max(values) if values else None
+
+
+def aimed(limits: dict[str, float], aim: float) -> dict[str, float]:
+    """The limits the controller steers to: ``aim`` x each (``budget.aim``)."""
+    return {n: m * aim for n, m in limits.items()}
 
 
 def next_log_scale(log_scale: float, violation: float, step_size: float, lo: float, hi: float, relax: float = 1.0,
@@ -270,7 +277,8 @@ class Budget:
         action = "held"
         if self.controlled:
             before = self.log_scale
-            self.log_scale = next_log_scale(self.log_scale, violation, self.b.step_size, self.b.min_scale, self.b.max_scale,
+            steer = worst_violation(drops, aimed(self.limits, self.b.aim))  # to aim x the limits: a margin for noise
+            self.log_scale = next_log_scale(self.log_scale, steer, self.b.step_size, self.b.min_scale, self.b.max_scale,
                                             self.b.relax, UP_CLIP)
             if self.log_scale != before:
                 self.changes += 1

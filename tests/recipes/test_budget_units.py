@@ -11,6 +11,7 @@ from forgetless.errors import ConfigError
 from forgetless.data.batching import MixedBatches, Source
 from forgetless.recipes.budget import (
     MAX_MIXED,
+    aimed,
     next_log_scale,
     pooled_kl,
     sample_indices,
@@ -68,6 +69,17 @@ def test_drops_violation_and_the_controllers_step():
     assert next_log_scale(0.0, -1.0, 0.7, 0.01, 100, relax=0.0) == 0.0
 
 
+def test_below_aim_1_the_controller_steers_inside_the_limit():
+    """A drop at the limit holds the strength at aim 1 and raises it at aim 0.9 (a margin for the
+    keep sample's noise); whether the run is inside is judged against the limit either way."""
+    limits, drops = {"capitals": 0.5}, {"capitals": 0.5}
+    assert worst_violation(drops, limits) == 0.0
+    steer = worst_violation(drops, aimed(limits, 0.9))
+    assert steer == pytest.approx(0.5 / 0.45 - 1)
+    assert next_log_scale(0.0, worst_violation(drops, aimed(limits, 1.0)), 0.7, 0.01, 100, 0.25, 2) == 0.0
+    assert next_log_scale(0.0, steer, 0.7, 0.01, 100, 0.25, 2) == pytest.approx(0.7 * steer)
+
+
 def test_stream_shares_scale_the_controlled_streams_and_the_task_takes_the_rest():
     start = [0.6, 0.25, 0.15]  # task, replay (controlled), mix (not)
     assert stream_shares(start, {1: 0.25}, 2.0) == pytest.approx([0.35, 0.5, 0.15])
@@ -112,6 +124,8 @@ BASE = ["model.name_or_path=tiny", "data.train=demo:elements"]
     (["budget.kl_max=0"], "kl_max must be positive"),
     (["budget.min_scale=2"], "0 < min_scale <= 1 <= max_scale"),
     (["budget.keep_sample=0"], "keep_sample must be at least 1"),
+    (["budget.aim=0"], "aim must be in (0, 1]"),
+    (["budget.aim=1.2"], "aim must be in (0, 1]"),
 ])
 def test_budget_options_are_checked_with_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as e:
