@@ -43,7 +43,7 @@ from typing import Any, Optional
 import torch
 
 from forgetless.errors import ConfigError, UserError
-from forgetless.sharding import full, is_sharded, reshard, shard_like, unsharded
+from forgetless.sharding import gathered, is_sharded, reshard, shard_like
 from forgetless.files import CHECKPOINTS_DIR, CONFIG_FILE, SUMMARY_FILE, TMP_PREFIX, flatten, fsync_path, write_text_atomic  # noqa: F401  (write_text_atomic: part of this module's API)
 
 FORMAT = "forgetless.checkpoint/1"
@@ -135,9 +135,10 @@ def restore_model(model, tensors: dict[str, torch.Tensor], where: Path) -> None:
             targets[n].copy_(t)
 
 
-def optimizer_files(optimizer, model) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_files(optimizer, model, keep: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """The optimiser's state flattened: tensors ``state.<index>.<key>``, and JSON (groups, names).
-    Sharded (FSDP2) states are gathered whole: every process must call it."""
+    Sharded (FSDP2) states are gathered whole, one at a time, to the CPU of the processes that
+    ``keep`` them (every process must call it; the others get no tensors)."""
     names = {id(p): n for n, p in model.named_parameters()}
     opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
     sd = opt.state_dict()
@@ -145,7 +146,9 @@ def optimizer_files(optimizer, model) -> tuple[dict[str, torch.Tensor], dict]:
     for index, state in sd["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"state.{index}.{key}"] = full(value)
+                whole = gathered(value, keep)
+                if keep:
+                    tensors[f"state.{index}.{key}"] = whole
             else:
                 plain_state.setdefault(str(index), {})[key] = value
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -216,15 +219,17 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def method_files(methods: list) -> tuple[dict[str, torch.Tensor], dict]:
-    """Every method's state_dict(): tensors as ``<method>/<key>`` (sharded ones gathered whole: every
-    process must call it), the rest as JSON by method."""
+def method_files(methods: list, keep: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every method's state_dict(): tensors as ``<method>/<key>`` (sharded ones gathered whole to
+    the CPU of the processes that ``keep`` them: every process must call it), the rest as JSON by method."""
     tensors, plain = {}, {}
     for m in methods:
         plain[m.name] = {}
         for key, value in m.state_dict().items():
             if torch.is_tensor(value):
-                tensors[f"{m.name}/{key}"] = full(value)
+                whole = gathered(value, keep)
+                if keep:
+                    tensors[f"{m.name}/{key}"] = whole
             else:
                 plain[m.name][key] = value
     return tensors, plain
@@ -354,14 +359,13 @@ class CheckpointWriter:
         sharded = is_sharded(model)
         if sharded:
             reshard(model)  # the parameters as the optimiser holds them (an evaluation leaves the root gathered)
-        opt_tensors, opt_info = optimizer_files(optimizer, model)
-        m_tensors, m_plain = method_files(methods)
+        opt_tensors, opt_info = optimizer_files(optimizer, model, keep)
+        m_tensors, m_plain = method_files(methods, keep)
         if not sharded:
             return model_tensors(model, self.added), opt_tensors, opt_info, m_tensors, m_plain
-        with unsharded(model, keep=keep):
-            tensors = {n: t.detach().to("cpu", copy=True) for n, t in model_tensors(model, self.added).items()} if keep else {}
-        cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
-        return (tensors, cpu(opt_tensors), opt_info, cpu(m_tensors), m_plain) if keep else None
+        # one tensor at a time, gathered to the main process's CPU (parameters are shards after reshard())
+        tensors = {n: whole for n, t in model_tensors(model, self.added).items() if (whole := gathered(t, keep)) is not None}
+        return (tensors, opt_tensors, opt_info, m_tensors, m_plain) if keep else None
 
     def _write_main(self, tmp: Path, final: Path, step: int, contents: tuple, scheduler, trainer: dict) -> None:
         model_t, opt_tensors, opt_info, m_tensors, m_plain = contents

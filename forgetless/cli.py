@@ -77,6 +77,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         check_backend(cfg, {**os.environ, **(FSDP2_ENV if args.fsdp2 else {}), "WORLD_SIZE": str((args.nproc or 1) * args.nnodes)})
         return _relaunch(args)
+    if args.fsdp2 and "LOCAL_RANK" in os.environ:  # started by an outside launcher (torchrun, srun): its workers shard too
+        from forgetless.sharding import FSDP2_ENV
+
+        os.environ.update(FSDP2_ENV)
     cfg = load_config(config, overrides)
     result = train(cfg)
     if _is_main():

@@ -78,6 +78,15 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_dtensor(t) else t
 
 
+def gathered(t: torch.Tensor, keep: bool) -> Optional[torch.Tensor]:
+    """A DTensor gathered whole and moved to the CPU where ``keep`` (the main process; None
+    elsewhere, so that no process holds many whole tensors at once); any other tensor as it is."""
+    if not is_dtensor(t):
+        return t if keep else None
+    whole = t.full_tensor()
+    return whole.detach().cpu() if keep else None
+
+
 def shard_like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """``t`` (the whole tensor, the same on every process) sharded like ``param``; unchanged when
     ``param`` is not sharded. Each process keeps its own slice (no communication)."""

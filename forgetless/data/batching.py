@@ -72,6 +72,12 @@ class MixedBatches:
             self.segments.append((from_step, shares))
         self.shares = shares
 
+    def restore_segments(self, segments: list[tuple[int, list[float]]]) -> None:
+        """Take back the shares of a resumed run exactly as they were drawn (``segments``, as saved)."""
+        self.segments = [(start, list(shares)) for start, shares in segments]
+        self.shares = list(self.segments[-1][1])
+        del self._counts[1:]  # rebuilt from these
+
     @property
     def task_per_step(self) -> float:
         return self.global_batch * self.shares[0]

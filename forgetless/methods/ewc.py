@@ -33,7 +33,7 @@ from forgetless.errors import ConfigError, UserError
 from forgetless.methods.base import Context, Method
 from forgetless.registry import register, REGULARIZE, STARTS_AT_BASE, STRENGTH
 from forgetless.methods.fisher import FISHER_KINDS, diagonal_fisher, trainable
-from forgetless.sharding import full, is_dtensor, local, shard_like
+from forgetless.sharding import gathered, is_dtensor, local, shard_like
 
 STATE_FILE = "ewc_state.safetensors"
 STATE_FORMAT = "forgetless.ewc/1"
@@ -211,6 +211,7 @@ class EWC(Method):
     def bind(self, model, ctx: Context) -> None:
         self.params, self.anchors, self.weights, fisher = bind_anchored(model, self.names, self.anchors, self.weights, self.fisher)
         if self.params and is_dtensor(self.params[0]):  # FSDP2: the raw Fisher as shards too, nothing whole left per process
+            self._stats = self._fisher_stats()  # of the whole Fisher, before it is split (a shard's max is not the max)
             self.fisher = fisher
 
     def step_terms(self, model) -> dict[str, torch.Tensor]:
@@ -221,7 +222,8 @@ class EWC(Method):
 
     def after_train(self, model, ctx: Context) -> None:
         metadata = {"fisher": self.cfg.fisher, "samples": str(self.samples)}
-        fisher, anchors = [full(f) for f in self.fisher], [full(a) for a in self.anchors]  # sharded: gathered by every process
+        # sharded: gathered by every process, one tensor at a time, to the main process's CPU
+        fisher, anchors = [gathered(f, ctx.is_main) for f in self.fisher], [gathered(a, ctx.is_main) for a in self.anchors]
         ctx.save_artifact(STATE_FILE, lambda path: save_state(path, self.names, fisher, anchors, metadata))
 
     def state_dict(self) -> dict:
@@ -250,11 +252,12 @@ class EWC(Method):
             options.previous_state = str(link.previous)
         return options
 
+    def _fisher_stats(self) -> dict:
+        return {"fisher_sum": float(sum(f.sum() for f in self.fisher)), "fisher_max": self.fisher_max()} if self.fisher else {}
+
     def describe(self) -> dict:
         out = {"fisher": self.cfg.fisher, "samples": self.samples, "weight": self.cfg.weight, "normalize": self.cfg.normalize}
-        if self.fisher:
-            out["fisher_sum"] = float(sum(f.sum() for f in self.fisher))
-            out["fisher_max"] = self.fisher_max()
+        out.update(getattr(self, "_stats", None) or self._fisher_stats())
         if self.cfg.previous_state is not None:
             out["online"] = {"gamma": self.cfg.gamma, "previous_state": str(state_path(self.cfg.previous_state))}
         return out

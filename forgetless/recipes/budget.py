@@ -363,8 +363,7 @@ class Budget:
         self.kept = [state[f"kept.{i}"] for i in range(state["kept_count"])] if getattr(self, "main", True) else []
         self._apply()
         if state.get("segments"):  # the shares as they were drawn, exactly (not normalised again)
-            self.batches.segments = [(int(start), [float(w) for w in shares]) for start, shares in state["segments"]]
-            self.batches.shares = list(self.batches.segments[-1][1])
+            self.batches.restore_segments([(int(start), [float(w) for w in shares]) for start, shares in state["segments"]])
 
 
 def _target_logits(plain, batch: dict, accelerator):

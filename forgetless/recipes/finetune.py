@@ -398,6 +398,8 @@ def _setup(cfg: RunConfig, accelerator, trackers: list[str], ckpt: Optional[Chec
         restore_scheduler(scheduler, ckpt.trainer["scheduler"])
     model, optimizer = accelerator.prepare(model, optimizer)
     sharded = is_sharded(model)
+    if sharded != sharding:  # the optimiser's state is restored before prepare() or after it by this
+        raise RuntimeError(f"accelerate's FSDP2 is {'on' if sharding else 'off'}, but the prepared model is {'' if sharded else 'not '}sharded")
     if sharded:
         plain = accelerator.unwrap_model(model)
         use_full_logits(plain)  # the head applied apart from an FSDP2 root's forward crashes its backward
@@ -484,6 +486,7 @@ class StepOutcome:
     tokens: int  # real tokens of the global batch
     grad_norm: float
     gradient: dict[str, float] = field(default_factory=dict)  # what methods' edit_gradients report (e.g. A-GEM's projections)
+    padded: int = 0  # FSDP2: micro-batch passes weighted 0 that kept the processes in step (over all of them)
 
 
 def _train_steps(run: Run) -> None:
@@ -558,9 +561,11 @@ def _step(run: Run, step: int) -> StepOutcome:
     global_targets = counts[0]
     jobs = [(m, mbs, world / max(c, 1)) for (m, mbs), c in zip(paired, counts[1:])]
     pads: list[int] = []
+    padded = 0  # passes run, over all processes, only to keep them in step
     if run.sharded:  # FSDP2 gathers parameters in every forward and backward: each process runs as many as the busiest
         lengths = [len(micro)] + [len(mbs) for _, mbs in paired]
         pads = [most - n for most, n in zip(most_over_processes(lengths, acc.device), lengths)]
+        padded = int(_reduce_sum(acc, torch.tensor([float(sum(pads))], dtype=torch.float64)).item())
     params = [p for p in run.model.parameters() if p.requires_grad]
     references = [(m, _reference_gradients(run, streams, step, params)) for m, streams in run.references]
     sums = forward_backward(run.model, micro, acc, scale=world / max(global_targets, 1), methods=run.methods, paired=jobs, pads=pads)
@@ -586,7 +591,7 @@ def _step(run: Run, step: int) -> StepOutcome:
     run.scheduler.step()  # also on a skipped step: the schedule, like the data, follows the step number
     run.optimizer.zero_grad(set_to_none=True)
     tokens = int(_reduce_sum(acc, torch.tensor([sum(int(b["attention_mask"].sum()) for b in micro)], dtype=torch.float64)).item())
-    return StepOutcome(problem, means, step_terms, global_targets, tokens, grad_norm, gradient)
+    return StepOutcome(problem, means, step_terms, global_targets, tokens, grad_norm, gradient, padded)
 
 
 def _reference_gradients(run: Run, streams: dict[str, MixedBatches], step: int, params: list) -> dict[str, list[torch.Tensor]]:
@@ -622,6 +627,8 @@ def _step_record(run: Run, o: StepOutcome, tps: float, clock: _Clock) -> dict:
         record["total_loss"] = state.last_loss + sum(terms.values())
     if o.gradient:
         record["gradient"] = o.gradient
+    if o.padded:
+        record["padded_passes"] = o.padded
     return record
 
 
