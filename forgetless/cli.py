@@ -13,7 +13,7 @@ from typing import Optional
 
 from forgetless import __version__
 from forgetless.errors import UserError
-from forgetless.support import check_backend
+from forgetless.support import FSDP2_ENV, check_backend
 
 DESCRIPTION = """\
 Fine-tune Hugging Face causal language models without catastrophic forgetting, and prove it:
@@ -73,13 +73,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_launch(args)
     if ((args.nproc and args.nproc > 1) or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
         cfg = load_config(config, overrides)  # validate before starting processes
-        from forgetless.sharding import FSDP2_ENV
-
         check_backend(cfg, {**os.environ, **(FSDP2_ENV if args.fsdp2 else {}), "WORLD_SIZE": str((args.nproc or 1) * args.nnodes)})
         return _relaunch(args)
     if args.fsdp2 and "LOCAL_RANK" in os.environ:  # started by an outside launcher (torchrun, srun): its workers shard too
-        from forgetless.sharding import FSDP2_ENV
-
         os.environ.update(FSDP2_ENV)
     cfg = load_config(config, overrides)
     result = train(cfg)
@@ -124,8 +120,6 @@ def _relaunch(args: argparse.Namespace) -> int:
             continue
         elif not a.startswith(tuple(f + "=" for f in LAUNCH_FLAGS)):
             clean.append(a)
-    from forgetless.sharding import FSDP2_ENV
-
     env = dict(os.environ, **(FSDP2_ENV if getattr(args, "fsdp2", False) else {}))
     nproc = args.nproc or 1
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]

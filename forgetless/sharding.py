@@ -23,26 +23,10 @@ where torch's ``fully_shard`` runs, so that CI tests the path a GPU run takes.
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
-from typing import Mapping, Optional
+from typing import Optional
 
 import torch
-
-# what ``accelerate launch`` sets for an FSDP2 config (and ``forgetless train --fsdp2`` for its workers)
-FSDP2_ENV = {
-    "ACCELERATE_USE_FSDP": "true",
-    "FSDP_VERSION": "2",
-    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",  # one FSDP unit per transformer block (the model's _no_split_modules)
-    "FSDP_RESHARD_AFTER_FORWARD": "true",
-    "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
-}
-
-
-def fsdp2_requested(env: Optional[Mapping[str, str]] = None) -> bool:
-    env = os.environ if env is None else env
-    return str(env.get("ACCELERATE_USE_FSDP", "")).lower() in ("1", "true", "yes") and str(env.get("FSDP_VERSION", "1")) == "2"
-
 
 def enable_on_cpu(accelerator) -> None:
     """Give a CPU process group accelerate's FSDP2 path (its ``prepare``, ``no_sync``, clipping),

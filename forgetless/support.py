@@ -26,6 +26,15 @@ from typing import Mapping, Optional
 
 from forgetless.errors import UserError
 from forgetless.registry import BACKENDS, REGISTRY
+
+# what ``accelerate launch`` sets for an FSDP2 config (and ``forgetless train --fsdp2`` for its workers)
+FSDP2_ENV = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",  # one FSDP unit per transformer block (the model's _no_split_modules)
+    "FSDP_RESHARD_AFTER_FORWARD": "true",
+    "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
+}
 PLAIN = ("single", "ddp", "fsdp2")  # plain full fine-tuning (no method)
 LABELS = {"single": "1 process", "ddp": "DDP", "fsdp2": "FSDP2", "fsdp1": "FSDP1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "qlora": "QLoRA"}
 

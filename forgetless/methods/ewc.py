@@ -165,6 +165,7 @@ class EWC(Method):
         self.fisher: list[torch.Tensor] = []  # raw, on the CPU (what is saved and accumulated)
         self.weights: list[torch.Tensor] = []  # weight * normalised Fisher, like the parameters (what the penalty uses)
         self.samples = 0
+        self._stats: dict = {}  # the whole Fisher's statistics, taken before FSDP2 splits it (bind)
 
     def before_train(self, model, ctx: Context) -> None:
         cfg = self.cfg
@@ -257,7 +258,7 @@ class EWC(Method):
 
     def describe(self) -> dict:
         out = {"fisher": self.cfg.fisher, "samples": self.samples, "weight": self.cfg.weight, "normalize": self.cfg.normalize}
-        out.update(getattr(self, "_stats", None) or self._fisher_stats())
+        out.update(self._stats or self._fisher_stats())
         if self.cfg.previous_state is not None:
             out["online"] = {"gamma": self.cfg.gamma, "previous_state": str(state_path(self.cfg.previous_state))}
         return out

@@ -63,8 +63,8 @@ from forgetless.models.card import serving_notes, write_model_card
 from forgetless.models.saving import save_model
 from forgetless.progress import TrainProgress, console
 from forgetless.recipes.budget import Budget
-from forgetless.sharding import enable_on_cpu, fsdp2_requested, full, is_sharded, most_over_processes, unsharded
-from forgetless.support import check_backend
+from forgetless.sharding import enable_on_cpu, full, is_sharded, most_over_processes, unsharded
+from forgetless.support import check_backend, requested_backends
 from forgetless.registry import REGISTRY, TASK_STREAM
 from forgetless.rundir import check_run_dir, prepare_run_dir, write_summary
 
@@ -216,7 +216,7 @@ def train(cfg: RunConfig) -> RunResult:
     try:
         if multi_process and accelerator.num_processes == 1:
             raise UserError("launched as several processes, but they did not form a process group; check the launcher (use --nproc or torchrun)")
-        if multi_process and fsdp2_requested():
+        if multi_process and requested_backends(os.environ)[0] == "fsdp2":
             enable_on_cpu(accelerator)  # accelerate forms FSDP on accelerators only; a no-op where it did
 
         return _run(cfg, accelerator, trackers, set_seed)

@@ -34,18 +34,6 @@ def test_observed_shares_match_the_requested_ones(weights):
         assert abs(mb._given(steps)[j] - steps * 10 * w / sum(weights)) <= 1
 
 
-def _rounded_afresh(mb, step):
-    """The counts the old apportionment gave: the cumulative quotas rounded afresh at every step."""
-    import math
-
-    quotas = mb._quotas(step)
-    counts = [math.floor(q) for q in quotas]
-    order = sorted(range(len(quotas)), key=lambda j: (-(quotas[j] - counts[j]), j))
-    for j in order[: step * mb.global_batch - sum(counts)]:
-        counts[j] += 1
-    return counts
-
-
 def test_no_source_gives_back_an_example_and_every_batch_is_whole():
     """Rounding cumulative quotas afresh can take an example back from one of 3+ sources (the
     apportionment paradox: a batch then had global_batch + 1 pairs, and shard dropped one). The
@@ -60,7 +48,7 @@ def test_no_source_gives_back_an_example_and_every_batch_is_whole():
         mb = MixedBatches([_src(f"s{j}", 50, w) for j, w in enumerate(weights)], global_batch=rng.randint(3, 9), seed=0)
         if rng.random() < 0.5:  # and with shares a controller changes mid-run
             mb.set_shares(20, [rng.random() + 0.01 for _ in weights])
-        old = [_rounded_afresh(mb, s) for s in range(51)]
+        old = [mb._rounded(s) for s in range(51)]  # the cumulative quotas rounded afresh: the old counts
         old_monotone = all(b >= a for s in range(50) for a, b in zip(old[s], old[s + 1]))
         paradox += not old_monotone
         counts = [mb._given(s) for s in range(51)]
