@@ -6,7 +6,7 @@
 #
 # 1. bf16 step time and peak memory of each method vs plain, on a ~0.5B random-init Llama (overhead.py)
 # 2. a QLoRA step (4-bit base, bitsandbytes) on the same shape, saved as a checkpoint first
-# 3. FSDP2 and ZeRO-2 with one process: refused in one line until they are supported (forgetless/support.py)
+# 3. plain bf16 fine-tuning of the same model with one process: alone, under FSDP2 and under ZeRO-2 / ZeRO-3 (step time)
 # 4. the real-model benchmark's LoRA row, when the .gguf is given
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,10 +47,32 @@ for name, extra in (("bf16 lora", []), ("qlora", ["model.load_in_4bit=true"])):
     print(f"| {name} | {step * 1000:.0f} ms/step | peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB | final loss {r.train['final_loss']:.3f} |")
 PYEOF
 
-echo; echo "### 3. FSDP2 and ZeRO-2, one process (refused until supported)"
-for env in "ACCELERATE_USE_FSDP=true FSDP_VERSION=2" "ACCELERATE_USE_DEEPSPEED=true ACCELERATE_DEEPSPEED_ZERO_STAGE=2"; do
-  env $env $PY -m forgetless train model.name_or_path=tiny data.train=demo:elements train.max_steps=2 "output.dir=$OUT/refused" \
-    output.overwrite=true 2>&1 | tail -1
+echo; echo "### 3. one process: alone, FSDP2, ZeRO-2, ZeRO-3 (plain bf16 fine-tuning of the 0.5B model, 12 steps)"
+COMMON=(model.name_or_path="$OUT/base-0.5b" model.dtype=bfloat16 data.train=demo:general train.max_steps=12 train.micro_batch_size=8
+        data.max_length=256 train.mixed_precision=bf16 eval.max_examples=8 eval.generation=false output.progress=false
+        output.save_model=false output.log_every=1 output.overwrite=true)
+step_ms() {  # the median step time of a run directory's metrics.jsonl, after 4 warm-up steps
+  $PY - "$1" <<'PYEOF'
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl") if '"loss"' in l]
+el = [r["elapsed_s"] for r in recs]
+d = sorted(b - a for a, b in zip(el[4:], el[5:]))
+print(f"{d[len(d) // 2] * 1000:.0f} ms/step" if d else "no steps")
+PYEOF
+}
+for placement in single fsdp2 zero2 zero3; do
+  dir="$OUT/placement-$placement"
+  case $placement in
+    single) cmd=($PY -m forgetless train) ;;
+    fsdp2) cmd=(accelerate launch --num_processes 1 --use_fsdp --fsdp_version 2 -m forgetless train) ;;
+    zero2) cmd=($PY -m forgetless train --zero 2) ;;
+    zero3) cmd=($PY -m forgetless train --zero 3) ;;
+  esac
+  if timeout 180 "${cmd[@]}" "${COMMON[@]}" "output.dir=$dir" > "$dir.log" 2>&1; then
+    echo "| $placement | $(step_ms "$dir") |"
+  else
+    echo "| $placement | failed: $(tail -1 "$dir.log") |"
+  fi
 done
 
 if [ -n "${1:-}" ]; then

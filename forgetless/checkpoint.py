@@ -42,6 +42,7 @@ from typing import Any, Optional
 
 import torch
 
+from forgetless import zero
 from forgetless.errors import ConfigError, UserError
 from forgetless.sharding import gathered, is_sharded, reshard, shard_like
 from forgetless.files import CHECKPOINTS_DIR, CONFIG_FILE, SUMMARY_FILE, TMP_PREFIX, flatten, fsync_path, write_text_atomic  # noqa: F401  (write_text_atomic: part of this module's API)
@@ -325,6 +326,7 @@ class CheckpointWriter:
     accelerator: Any
     keep_last: int
     added: set[str] = field(default_factory=set)  # names of parameters methods added to the base (saved though frozen)
+    zero_layout: Optional[tuple] = None  # DeepSpeed: the optimiser's parameter names and groups before prepare (forgetless/zero.py)
 
     def save(self, model, optimizer, scheduler, methods: list, state: "TrainerState") -> Path:
         """Write the checkpoint of ``state.step``; a failed write raises a UserError and leaves ``latest`` as it was."""
@@ -343,7 +345,7 @@ class CheckpointWriter:
         failed = self._agree(error)
         unwrapped = acc.unwrap_model(model)
         contents = None
-        if not failed and (main or is_sharded(unwrapped)):  # sharded: every process takes part in gathering the tensors
+        if not failed and (main or is_sharded(unwrapped) or self.zero_layout is not None):  # sharded: every process takes part in gathering
             contents = self._contents(unwrapped, optimizer, methods, keep=main)
         if main and not failed:
             error = _attempt(lambda: self._write_main(tmp, final, step, contents, scheduler, trainer))
@@ -356,6 +358,12 @@ class CheckpointWriter:
     def _contents(self, model, optimizer, methods: list, keep: bool) -> Optional[tuple]:
         """The model's, optimiser's and methods' tensors and JSON; a sharded model's gathered whole
         (to the CPU, kept on the main process only)."""
+        if self.zero_layout is not None:  # DeepSpeed: every state assembled over the processes, parameters gathered under ZeRO-3
+            order, groups = self.zero_layout
+            opt_tensors, opt_info = zero.optimizer_files(optimizer, model, order, groups, keep)
+            m_tensors, m_plain = method_files(methods, keep)
+            tensors = zero.model_tensors(model, list(model_tensors(model, self.added)), keep)
+            return (tensors, opt_tensors, opt_info, m_tensors, m_plain) if keep else None
         sharded = is_sharded(model)
         if sharded:
             reshard(model)  # the parameters as the optimiser holds them (an evaluation leaves the root gathered)

@@ -13,7 +13,7 @@ from typing import Optional
 
 from forgetless import __version__
 from forgetless.errors import UserError
-from forgetless.support import FSDP2_ENV, check_backend
+from forgetless.support import FSDP2_ENV, check_backend, deepspeed_env
 
 DESCRIPTION = """\
 Fine-tune Hugging Face causal language models without catastrophic forgetting, and prove it:
@@ -31,6 +31,7 @@ examples:
   forgetless train data.train=train.jsonl data.keep.general=wiki.jsonl model.name_or_path=Qwen/Qwen2.5-0.5B
   forgetless train run.yaml --nproc 2               # 2 processes (torchrun), same global batch
   forgetless train run.yaml --nproc 2 --fsdp2       # the same, parameters sharded (FSDP2)
+  forgetless train run.yaml --nproc 2 --zero 2      # the same under DeepSpeed ZeRO-2 (or --zero 3)
   forgetless train run.yaml --resume                # continue a crashed run from its last checkpoint
   forgetless eval runs/my-run --data old=old.jsonl --data new=new.jsonl
   forgetless interpolate runs/my-run --min-keep 0.9        # WiSE-FT alpha sweep, writes the chosen model
@@ -71,12 +72,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError("--resume and --overwrite exclude each other: --resume continues the run in the output directory, --overwrite replaces it")
         overrides.append("output.resume=true")
     _check_launch(args)
-    if ((args.nproc and args.nproc > 1) or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
+    deepspeed = bool(args.zero or args.deepspeed_config)
+    if ((args.nproc and args.nproc > 1) or args.nnodes > 1 or deepspeed) and "LOCAL_RANK" not in os.environ:  # DeepSpeed: also one process
         cfg = load_config(config, overrides)  # validate before starting processes
-        check_backend(cfg, {**os.environ, **(FSDP2_ENV if args.fsdp2 else {}), "WORLD_SIZE": str((args.nproc or 1) * args.nnodes)})
+        if args.deepspeed_config:
+            from forgetless.zero import read_config
+
+            read_config(args.deepspeed_config, cfg)
+        check_backend(cfg, {**os.environ, **_placement_env(args), "WORLD_SIZE": str((args.nproc or 1) * args.nnodes)})
         return _relaunch(args)
-    if args.fsdp2 and "LOCAL_RANK" in os.environ:  # started by an outside launcher (torchrun, srun): its workers shard too
-        os.environ.update(FSDP2_ENV)
+    if "LOCAL_RANK" in os.environ:  # started by an outside launcher (torchrun, srun): its workers shard too
+        os.environ.update(_placement_env(args))
     cfg = load_config(config, overrides)
     result = train(cfg)
     if _is_main():
@@ -105,6 +111,36 @@ def _check_launch(args: argparse.Namespace) -> None:
         raise UserError(f"--master-port {args.master_port}: give a TCP port, 1-65535")
     if getattr(args, "fsdp2", False) and (args.nproc or 1) * args.nnodes < 2 and "LOCAL_RANK" not in os.environ:
         raise UserError("--fsdp2 shards over several processes: add --nproc 2 (or more), or drop --fsdp2 for one process")
+    if getattr(args, "fsdp2", False) and getattr(args, "zero", None):
+        raise UserError("--fsdp2 and --zero exclude each other: choose FSDP2 or DeepSpeed ZeRO")
+    if getattr(args, "deepspeed_config", None):
+        from forgetless.support import deepspeed_file_stage
+
+        in_file = deepspeed_file_stage(args.deepspeed_config)
+        if args.zero and in_file is not None and in_file != args.zero:
+            raise UserError(f"{args.deepspeed_config}: zero_optimization.stage is {in_file}, --zero {args.zero}; drop one or make them agree")
+        if getattr(args, "fsdp2", False):
+            raise UserError("--fsdp2 and --deepspeed-config exclude each other: choose FSDP2 or DeepSpeed ZeRO")
+    if (getattr(args, "zero", None) or getattr(args, "deepspeed_config", None)) and (args.nproc or 1) * args.nnodes < 2 \
+            and "LOCAL_RANK" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("DeepSpeed on the CPU runs over several processes: add --nproc 2 (or more)")
+
+
+def _placement_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment ``accelerate launch`` would set for --fsdp2 or --zero N."""
+    if getattr(args, "fsdp2", False):
+        return dict(FSDP2_ENV)
+    if getattr(args, "zero", None) or getattr(args, "deepspeed_config", None):
+        from forgetless.support import deepspeed_file_stage
+
+        env = deepspeed_env(args.zero or deepspeed_file_stage(args.deepspeed_config) or 2)
+        if args.deepspeed_config:
+            env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(Path(args.deepspeed_config).resolve())
+        return env
+    return {}
 
 
 def _relaunch(args: argparse.Namespace) -> int:
@@ -118,9 +154,13 @@ def _relaunch(args: argparse.Namespace) -> int:
             skip = True
         elif a == "--fsdp2":
             continue
+        elif a in ("--zero", "--deepspeed-config"):
+            skip = True
+        elif a.startswith(("--zero=", "--deepspeed-config=")):
+            continue
         elif not a.startswith(tuple(f + "=" for f in LAUNCH_FLAGS)):
             clean.append(a)
-    env = dict(os.environ, **(FSDP2_ENV if getattr(args, "fsdp2", False) else {}))
+    env = dict(os.environ, **_placement_env(args))
     nproc = args.nproc or 1
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
     if args.nnodes > 1:
@@ -445,6 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp2", action="store_true",
                    help="with --nproc/--nnodes: shard parameters, gradients and optimiser states over the processes (FSDP2, "
                         "one unit per transformer block; what `accelerate launch` with an FSDP2 config does)")
+    p.add_argument("--zero", type=int, choices=(2, 3), default=None, metavar="{2,3}",
+                   help="with --nproc/--nnodes: DeepSpeed ZeRO stage 2 (optimiser states and gradients partitioned) or 3 "
+                        "(parameters too); what `accelerate launch --use_deepspeed --zero_stage N` does. Needs the deepspeed extra")
+    p.add_argument("--deepspeed-config", metavar="FILE",
+                   help="a DeepSpeed JSON config for the run (implies DeepSpeed; its stage, or --zero's). forgetless builds the "
+                        "optimiser and schedule and accumulates itself: leave those keys out or 'auto'")
     p.set_defaults(func=cmd_train)
 
     for name, helptext, description in (

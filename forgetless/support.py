@@ -12,11 +12,12 @@ refusals.
 
 FSDP2 is built for the methods that declare it (forgetless/sharding.py says how: methods bind
 their per-parameter tensors after ``prepare`` and shard them like the parameters, every process
-runs as many passes, checkpoints and the saved model are gathered whole); each is tested with 2
-processes against 1. Under FSDP2 the forgetting budget and lm-eval suites are refused: both score
-on part of the processes (the budget's samples are split, lm-eval runs on the main process), which
-would leave the others waiting in a gather. FSDP1 and DeepSpeed stay refused: DeepSpeed steps its
-engine on every micro-batch outside ``accelerator.accumulate``, and nothing here is tested on them.
+runs as many passes, checkpoints and the saved model are gathered whole); DeepSpeed ZeRO-2 and
+ZeRO-3 likewise (forgetless/zero.py: one forgetless step is one engine step, the optimiser's
+states are read and restored per parameter through DeepSpeed's fragment API). Each is tested with
+2 processes against 1, on CPU. Under both the forgetting budget and lm-eval suites are refused:
+both score on part of the processes (the budget's samples are split, lm-eval runs on the main
+process), which would leave the others waiting. FSDP1 stays refused (untested).
 """
 
 from __future__ import annotations
@@ -35,7 +36,14 @@ FSDP2_ENV = {
     "FSDP_RESHARD_AFTER_FORWARD": "true",
     "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
 }
-PLAIN = ("single", "ddp", "fsdp2")  # plain full fine-tuning (no method)
+
+
+def deepspeed_env(stage: int) -> dict[str, str]:
+    """What ``accelerate launch --use_deepspeed --zero_stage N`` sets (and ``forgetless train --zero N`` for its workers)."""
+    return {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage)}
+
+
+PLAIN = ("single", "ddp", "fsdp2", "zero2", "zero3")  # plain full fine-tuning (no method)
 LABELS = {"single": "1 process", "ddp": "DDP", "fsdp2": "FSDP2", "fsdp1": "FSDP1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "qlora": "QLoRA"}
 
 
@@ -45,6 +53,11 @@ def requested_backends(env: Mapping[str, str], load_in_4bit: bool = False) -> li
     truthy = lambda key: str(env.get(key, "")).lower() in ("1", "true", "yes")  # noqa: E731
     if truthy("ACCELERATE_USE_DEEPSPEED"):
         stage = str(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+        in_file = deepspeed_file_stage(env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"))
+        if in_file is not None:  # a config file's own stage is the one DeepSpeed runs
+            stage = str(in_file)
+        if stage not in ("2", "3"):
+            raise UserError(f"DeepSpeed ZeRO stage {stage}: forgetless runs stages 2 and 3 (--zero 2 or 3), or DDP without DeepSpeed")
         placement = "zero3" if stage == "3" else "zero2"
     elif truthy("ACCELERATE_USE_FSDP"):
         placement = "fsdp2" if str(env.get("FSDP_VERSION", "1")) == "2" else "fsdp1"
@@ -53,6 +66,20 @@ def requested_backends(env: Mapping[str, str], load_in_4bit: bool = False) -> li
     else:
         placement = "single"
     return [placement] + (["qlora"] if load_in_4bit else [])
+
+
+def deepspeed_file_stage(path: Optional[str]) -> Optional[int]:
+    """The ZeRO stage a DeepSpeed config file sets (None: none, "auto", or no file)."""
+    if not path or path == "none":
+        return None
+    import json
+    from pathlib import Path
+
+    try:
+        stage = (json.loads(Path(path).read_text()).get("zero_optimization") or {}).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable: the launch check names the file
+    return stage if isinstance(stage, int) else None
 
 
 def unsupported(methods, backends: list[str]) -> Optional[str]:
@@ -68,15 +95,15 @@ def unsupported(methods, backends: list[str]) -> Optional[str]:
     return None
 
 
-def sharded_refusal(cfg) -> Optional[str]:
-    """What of the run's config does not run under FSDP2 (None: all of it does)."""
-    b = cfg.budget
+def sharded_refusal(cfg, placement: str = "fsdp2") -> Optional[str]:
+    """What of the run's config does not run under FSDP2 or DeepSpeed ZeRO (None: all of it does)."""
+    b, label = cfg.budget, LABELS[placement]
     if b.every_steps or b.kl_max is not None or any(s.max_drop is not None for s in cfg.data.keep.values()):
-        return "the forgetting budget (budget.*, data.keep.*.max_drop) does not run under FSDP2 yet"
+        return f"the forgetting budget (budget.*, data.keep.*.max_drop) does not run under {label} yet"
     if cfg.eval.harness.tasks:
-        return "eval.harness (lm-eval) does not run under FSDP2: it scores on the main process alone"
+        return f"eval.harness (lm-eval) does not run under {label}: it scores on the main process alone"
     if cfg.model.load_in_4bit:
-        return "model.load_in_4bit (QLoRA) is not tested under FSDP2"
+        return f"model.load_in_4bit (QLoRA) is not tested under {label}"
     return None
 
 
@@ -85,8 +112,13 @@ def check_backend(cfg, env: Optional[Mapping[str, str]] = None) -> None:
     env = os.environ if env is None else env
     backends = requested_backends(env, cfg.model.load_in_4bit)
     why = unsupported(list(cfg.methods), backends)
-    if why is None and backends[0] == "fsdp2":
-        why = sharded_refusal(cfg)
+    if why is None and backends[0] in ("fsdp2", "zero2", "zero3"):
+        why = sharded_refusal(cfg, backends[0])
+    if why is None and backends[0] in ("zero2", "zero3"):
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            why = "DeepSpeed is not installed here (pip install 'forgetless[deepspeed]')"
     if why is None and "qlora" in backends:
         import torch
 
@@ -96,7 +128,7 @@ def check_backend(cfg, env: Optional[Mapping[str, str]] = None) -> None:
         placement = backends[0]
         hint = ("launch with --nproc N (DDP) or one process instead" if placement in ("fsdp2", "fsdp1", "zero2", "zero3")
                 else "see the support table in the README")
-        raise UserError(f"{why} ({'forgetless does not run under FSDP1 or DeepSpeed yet; ' if placement not in PLAIN else ''}{hint})")
+        raise UserError(f"{why} ({'forgetless does not run under FSDP1 yet; ' if placement not in PLAIN else ''}{hint})")
 
 
 def support_table() -> str:

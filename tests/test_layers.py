@@ -19,7 +19,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "forgetless"
 
 LAYERS = [  # lowest first; a module belongs to the first entry that is it or its package
-    ("base", ["forgetless.errors", "forgetless.registry", "forgetless.files", "forgetless.config", "forgetless.support", "forgetless.sharding"]),
+    ("base", ["forgetless.errors", "forgetless.registry", "forgetless.files", "forgetless.config", "forgetless.support", "forgetless.sharding", "forgetless.zero"]),
     ("data and models", ["forgetless.data", "forgetless.models", "forgetless.loss", "forgetless.checkpoint", "forgetless.rundir", "forgetless.progress",
                          "forgetless.merging"]),
     ("methods, eval, report", ["forgetless.methods", "forgetless.eval", "forgetless.report"]),

@@ -19,6 +19,7 @@ from forgetless.eval.custom import load_scoring_function
 from forgetless.eval.headline import check_metric_fits, default_metric, higher_is_better, is_scoring_function
 from forgetless.eval.scoring import score_examples
 from forgetless.progress import eval_progress
+from forgetless import zero
 from forgetless.sharding import reshard
 
 
@@ -72,9 +73,9 @@ def evaluate_sets(model, tokenizer, eval_sets: list[EvalSet], cfg, accelerator, 
     results = {}
     show = cfg.output.progress and accelerator.is_main_process
     unwrapped = accelerator.unwrap_model(model)
-    # FSDP2: every process scores every set whole (their forward passes gather the parameters, so
-    # they must run the same ones) and decodes in step with the others
-    sharded = getattr(accelerator, "is_fsdp2", False) and accelerator.num_processes > 1
+    # FSDP2 and ZeRO-3: every process scores every set whole (their forward passes gather the
+    # parameters, so they must run the same ones) and decodes in step with the others
+    sharded = (getattr(accelerator, "is_fsdp2", False) or zero.stage(accelerator) == 3) and accelerator.num_processes > 1
     multi = accelerator.num_processes > 1 and not sharded
     rank, world = (accelerator.process_index, accelerator.num_processes) if multi else (0, 1)
     gather = None

@@ -296,4 +296,4 @@ def load_state(path: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 register("ewc", EWCConfig, EWC, "Elastic weight consolidation: a diagonal-Fisher penalty on moving weights old data depends on (online EWC across runs).",
-         phase=REGULARIZE, provides={STARTS_AT_BASE: "", STRENGTH: ""}, backends=("single", "ddp", "fsdp2", "qlora"))  # on a 4-bit base: the adapters
+         phase=REGULARIZE, provides={STARTS_AT_BASE: "", STRENGTH: ""}, backends=("single", "ddp", "fsdp2", "zero2", "qlora"))  # on a 4-bit base: the adapters

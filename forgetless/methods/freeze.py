@@ -204,4 +204,4 @@ def block_importance(model, ctx: Context, prefix: str, n_blocks: int, cfg: Freez
 
 
 register("freeze", FreezeConfig, Freeze, "Partial fine-tuning: train only chosen blocks or modules (by position, name or importance).",
-         phase=SELECT, provides={SELECTS_WEIGHTS: "", STARTS_AT_BASE: ""}, backends=("single", "ddp", "fsdp2"))
+         phase=SELECT, provides={SELECTS_WEIGHTS: "", STARTS_AT_BASE: ""}, backends=("single", "ddp", "fsdp2", "zero2", "zero3"))

@@ -205,5 +205,5 @@ register(
     "Distillation to the base model (LwF): KL(base ‖ model) on training or general data; no weight copy with adapters.",
     phase=REGULARIZE,
     provides={STARTS_AT_BASE: "", STRENGTH: ""},
-    backends=("single", "ddp", "fsdp2", "qlora"),  # on a 4-bit base the teacher is the adapters-off model
+    backends=("single", "ddp", "fsdp2", "zero2", "zero3", "qlora"),  # on a 4-bit base the teacher is the adapters-off model
 )

@@ -72,4 +72,4 @@ class L2SP(Method):
 
 
 register("l2sp", L2SPConfig, L2SP, "L2-SP: a squared-distance penalty pulling the weights toward their starting values.",
-         phase=REGULARIZE, provides={STARTS_AT_BASE: "", STRENGTH: ""}, backends=("single", "ddp", "fsdp2", "qlora"))  # on a 4-bit base: the adapters
+         phase=REGULARIZE, provides={STARTS_AT_BASE: "", STRENGTH: ""}, backends=("single", "ddp", "fsdp2", "zero2", "qlora"))  # on a 4-bit base: the adapters

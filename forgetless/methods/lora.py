@@ -288,5 +288,5 @@ register(
         STARTS_AT_BASE: "",
     },
     prefix=("lora_", "modules_to_save"),
-    backends=("single", "ddp", "fsdp2", "qlora"),  # QLoRA: the adapter on a 4-bit base
+    backends=("single", "ddp", "fsdp2", "zero2", "zero3", "qlora"),  # QLoRA: the adapter on a 4-bit base
 )

@@ -113,5 +113,5 @@ register(
     "Mix general / pre-training data into every batch at fixed shares (per source, or a total split by temperature sampling).",
     phase=DATA,
     provides={STARTS_AT_BASE: "", STRENGTH: ""},
-    backends=("single", "ddp", "fsdp2", "qlora"),
+    backends=("single", "ddp", "fsdp2", "zero2", "zero3", "qlora"),
 )

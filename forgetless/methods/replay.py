@@ -260,5 +260,5 @@ register(
     "Experience replay: a memory of old tasks' records (reservoir or per-task quotas) mixed into every batch.",
     phase=DATA,
     provides={DATA_STREAM: "", STARTS_AT_BASE: "", STRENGTH: ""},
-    backends=("single", "ddp", "fsdp2", "qlora"),
+    backends=("single", "ddp", "fsdp2", "zero2", "zero3", "qlora"),
 )

@@ -277,5 +277,5 @@ register(
     "Self-synthesized replay: the model generates pseudo-examples of its old knowledge before training; they are replayed in every batch.",
     phase=DATA,
     provides={DATA_STREAM: "", STARTS_AT_BASE: "", STRENGTH: ""},
-    backends=("single", "ddp", "fsdp2", "qlora"),
+    backends=("single", "ddp", "fsdp2", "zero2", "zero3", "qlora"),
 )

@@ -63,6 +63,7 @@ from forgetless.models.card import serving_notes, write_model_card
 from forgetless.models.saving import save_model
 from forgetless.progress import TrainProgress, console
 from forgetless.recipes.budget import Budget
+from forgetless import zero
 from forgetless.sharding import enable_on_cpu, full, is_sharded, most_over_processes, unsharded
 from forgetless.support import check_backend, requested_backends
 from forgetless.registry import REGISTRY, TASK_STREAM
@@ -193,6 +194,7 @@ def train(cfg: RunConfig) -> RunResult:
     # accelerate forms a CPU process group (gloo) only when told to run on CPU; without a GPU, a
     # multi-process launch would otherwise give N independent single-process runs.
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    placement = requested_backends(os.environ)[0]
     if multi_process and cfg.model.device_map is not None:
         raise UserError("model.device_map places one model over several devices in one process; with several processes leave it null")
     # accelerate keeps one AcceleratorState per process and refuses a second run of the same
@@ -216,8 +218,15 @@ def train(cfg: RunConfig) -> RunResult:
     try:
         if multi_process and accelerator.num_processes == 1:
             raise UserError("launched as several processes, but they did not form a process group; check the launcher (use --nproc or torchrun)")
-        if multi_process and requested_backends(os.environ)[0] == "fsdp2":
+        if multi_process and placement == "fsdp2":
             enable_on_cpu(accelerator)  # accelerate forms FSDP on accelerators only; a no-op where it did
+        if placement in ("zero2", "zero3"):
+            if not multi_process and not torch.cuda.is_available():
+                raise UserError("DeepSpeed on the CPU runs over several processes: add --nproc 2 (or more)")
+            zero.enable_on_cpu(accelerator, _mixed_precision(cfg.train.mixed_precision))  # likewise for DeepSpeed
+            zero.configure(accelerator, cfg)
+            if f"zero{zero.stage(accelerator)}" != placement:  # the table's check was made for the launch's stage
+                raise UserError(f"the DeepSpeed config runs ZeRO stage {zero.stage(accelerator)}, the launch asked for {placement[-1]}; make them agree")
 
         return _run(cfg, accelerator, trackers, set_seed)
     finally:
@@ -301,6 +310,13 @@ class Run:
     total_params: int
     budget: Budget  # the forgetting budget's signal and controller (inactive without budget options)
     sharded: bool = False  # FSDP2: parameters are DTensor shards (forgetless/sharding.py)
+    zero: int = 0  # the DeepSpeed ZeRO stage (forgetless/zero.py); 0: not DeepSpeed
+    opt_layout: tuple = ((), ())  # DeepSpeed: the optimiser's parameter names and groups before prepare (its checkpoint files)
+
+    @property
+    def in_step(self) -> bool:
+        """Whether every process must run the same passes (FSDP2 and ZeRO gather or reduce in each)."""
+        return self.sharded or self.zero > 0
 
     def trainable_params(self) -> list:
         return [p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
@@ -389,14 +405,24 @@ def _setup(cfg: RunConfig, accelerator, trackers: list[str], ckpt: Optional[Chec
         m.configure_optimizer(optimizer)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     sharding = getattr(accelerator, "is_fsdp2", False)
+    stage = zero.stage(accelerator)
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt_state = optimizer.state_dict()  # its parameters' names and groups, before DeepSpeed flattens them
+    opt_layout = ([names[id(p)] for g in optimizer.param_groups for p in g["params"]], opt_state["param_groups"])
     if ckpt:
         if ckpt.trainer["data"] != fingerprint or ckpt.trainer["total_steps"] != total_steps:
             raise UserError(f"{ckpt.path}: the training data differs from the checkpoint's (a data file changed since?); resuming would not be exact, start a new run")
-        restore_model(model, ckpt.tensors("model.safetensors"), ckpt.path)  # the whole model: FSDP2 shards it in prepare()
-        if not sharding:
+        restore_model(model, ckpt.tensors("model.safetensors"), ckpt.path)  # the whole model: FSDP2 and ZeRO partition it in prepare()
+        if not sharding and not stage:
             restore_optimizer(optimizer, model, ckpt.tensors("optimizer.safetensors"), ckpt.json("optimizer.json"), ckpt.path)
         restore_scheduler(scheduler, ckpt.trainer["scheduler"])
     model, optimizer = accelerator.prepare(model, optimizer)
+    if stage:
+        if ckpt:  # the states written into DeepSpeed's partitions
+            zero.restore_optimizer(optimizer, accelerator.unwrap_model(model), opt_layout[0], ckpt.tensors("optimizer.safetensors"),
+                                   ckpt.json("optimizer.json"), ckpt.path)
+        if stage == 3:
+            use_full_logits(accelerator.unwrap_model(model))  # the head's weight is partitioned outside the model's forward
     sharded = is_sharded(model)
     if sharded != sharding:  # the optimiser's state is restored before prepare() or after it by this
         raise RuntimeError(f"accelerate's FSDP2 is {'on' if sharding else 'off'}, but the prepared model is {'' if sharded else 'not '}sharded")
@@ -427,11 +453,11 @@ def _setup(cfg: RunConfig, accelerator, trackers: list[str], ckpt: Optional[Chec
         if state.before:
             log({"step": 0, "eval": state.before})
             fault("eval")
-    writer = CheckpointWriter(run_dir, accelerator, out.keep_last, added)
+    writer = CheckpointWriter(run_dir, accelerator, out.keep_last, added, opt_layout if stage else None)
     if ckpt:  # last: nothing in the setup above may draw from the restored random streams
         restore_rng(*ckpt.rng(accelerator.process_index))
     return Run(cfg, accelerator, tokenizer, model, optimizer, scheduler, methods, ctx, sources, batches, paired, references, eval_sets,
-               train_stats, state, writer, log, run_dir, trainable, total_params, budget, sharded)
+               train_stats, state, writer, log, run_dir, trainable, total_params, budget, sharded, stage, opt_layout)
 
 
 def _wrap(method: Method, model, ctx: Context):
@@ -562,7 +588,7 @@ def _step(run: Run, step: int) -> StepOutcome:
     jobs = [(m, mbs, world / max(c, 1)) for (m, mbs), c in zip(paired, counts[1:])]
     pads: list[int] = []
     padded = 0  # passes run, over all processes, only to keep them in step
-    if run.sharded:  # FSDP2 gathers parameters in every forward and backward: each process runs as many as the busiest
+    if run.in_step:  # FSDP2 and ZeRO gather or reduce in every pass: each process runs as many as the busiest
         lengths = [len(micro)] + [len(mbs) for _, mbs in paired]
         pads = [most - n for most, n in zip(most_over_processes(lengths, acc.device), lengths)]
         padded = int(_reduce_sum(acc, torch.tensor([float(sum(pads))], dtype=torch.float64)).item())
@@ -575,7 +601,11 @@ def _step(run: Run, step: int) -> StepOutcome:
     gradient = {}
     for m, ref in references:  # every process holds the same synchronised gradients, so each edits them alike
         gradient.update(m.edit_gradients(params, ref))
-    grad_norm = _grad_norm(run.model, acc, t.max_grad_norm)
+    ds_skipped = False
+    if run.zero:  # DeepSpeed's engine clips and steps (skipping a non-finite gradient) with the gradients it holds
+        grad_norm, ds_skipped = zero.step(acc)
+    else:
+        grad_norm = _grad_norm(run.model, acc, t.max_grad_norm)
     # One reduction: every process's summed terms, and whether any process saw a non-finite gradient.
     flag = torch.tensor(0.0 if math.isfinite(grad_norm) else 1.0, dtype=torch.float64)
     reduced = _reduce_sum(acc, torch.stack([*sums.values(), *paired_sums.values(), flag])).tolist()
@@ -584,7 +614,9 @@ def _step(run: Run, step: int) -> StepOutcome:
         means[name] = means.get(name, 0.0) + v / max(counts[1 + owner], 1)
     bad_loss = not all(math.isfinite(v) for v in [*reduced[:-1], *step_terms.values()])
     problem = "non-finite loss" if bad_loss else ("non-finite grad" if reduced[-1] > 0 else None)
-    if problem is None or acc.scaler is not None:
+    if run.zero:
+        problem = "non-finite loss" if bad_loss else ("non-finite grad" if ds_skipped else None)
+    elif problem is None or acc.scaler is not None:
         run.optimizer.step()
         if acc.scaler is not None and not bad_loss:  # fp16: the loss scaler skips overflowing steps itself
             problem = "non-finite grad" if run.optimizer.step_was_skipped else None
@@ -687,6 +719,8 @@ def _finish(run: Run) -> RunResult:
         "steps": state.step,
         "global_batch": state.global_batch,
         "processes": acc.num_processes,
+        # where the run was placed: one process, DDP copies, FSDP2 shards or a ZeRO stage's partitions
+        "placement": "fsdp2" if run.sharded else (f"zero{run.zero}" if run.zero else ("ddp" if acc.num_processes > 1 else "single")),
         "tokens": state.tokens_seen,
         "final_loss": state.last_loss,
         "skipped_steps": state.skipped_steps,
@@ -707,7 +741,8 @@ def _finish(run: Run) -> RunResult:
     }
     roles = {s.name: s.role for s in run.eval_sets}
     if cfg.output.save_model:
-        with unsharded(unwrapped, keep=acc.is_main_process) if run.sharded else nullcontext():  # FSDP2: the whole weights, gathered by every process
+        gathered = unsharded if run.sharded else (zero.gathered_model if run.zero == 3 else None)  # the whole weights, gathered by every process
+        with gathered(unwrapped, keep=acc.is_main_process) if gathered else nullcontext():
             if acc.is_main_process:
                 save_model(unwrapped, run.tokenizer, run.run_dir / MODEL_DIR, cfg)
     if acc.is_main_process:
@@ -795,9 +830,10 @@ def forward_backward(model, micro_batches: list[dict], accelerator, scale: float
     jobs = [(None, b, scale, True) for b in micro_batches] + [(None, micro_batches[-1], 0.0, False)] * pads[0]
     for k, (_, mbs, s) in enumerate(paired):
         jobs += [(k, b, s, True) for b in mbs] + [(k, mbs[-1], 0.0, False)] * pads[1 + k]
+    deepspeed = zero.engine(accelerator) is not None  # the engine accumulates until told the step's last backward
     for i, (owner, b, job_scale, real) in enumerate(jobs):
         last = i == len(jobs) - 1
-        with nullcontext() if last else accelerator.no_sync(model):
+        with nullcontext() if last or deepspeed else accelerator.no_sync(model):
             b = {k: v.to(accelerator.device) for k, v in b.items()}
             # hidden states and the head, not the full logits: the loss applies the head at targets, in chunks
             out = lm_forward(model, b["input_ids"], b["attention_mask"], head_of=plain, autocast=accelerator.autocast,
@@ -831,7 +867,10 @@ def forward_backward(model, micro_batches: list[dict], accelerator, scale: float
                         value = value * m.strength if m.strength != 1.0 else value
                         total = total + value
                         step_values[name] = float(value.detach())
-            accelerator.backward(total)
+            if deepspeed:
+                zero.backward(accelerator, total, last)
+            else:
+                accelerator.backward(total)
     sums["step_terms"] = step_values
     sums["paired"] = paired_sums
     return sums
