@@ -12,10 +12,10 @@ pytestmark = pytest.mark.slow
 
 def test_demo_shows_forgetting_and_remedies(tmp_path):
     # a subset keeps the suite fast; `forgetless demo` runs every strategy
-    results = run_demo(tmp_path / "demo", strategies=["l2-sp", "mix old data 25%", "wise-ft"])
+    results = run_demo(tmp_path / "demo", strategies=["l2-sp", "wise-ft"])
     base = results["base"]["scores"]["capitals"]["exact_match"]
     runs = results["strategies"]
-    assert list(runs) == ["full fine-tuning", "l2-sp", "mix old data 25%", "wise-ft (interpolated)"]
+    assert list(runs) == ["full fine-tuning", "l2-sp", "wise-ft (interpolated)"]
     ft = runs["full fine-tuning"]
     assert base > 0.9, "the base model should have learned the capitals"
     assert ft["before"]["capitals"]["exact_match"] == pytest.approx(base)

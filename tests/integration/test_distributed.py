@@ -34,10 +34,16 @@ def _losses(run_dir):
     return [r["loss"] for r in recs if "loss" in r], [r for r in recs if "eval" in r]
 
 
+def _one(overrides: list[str]) -> None:
+    """The one-process reference, in this process (no second start-up)."""
+    import forgetless
+
+    forgetless.train(forgetless.load_config(None, overrides))
+
+
 def test_two_processes_match_one(tmp_path, pc_file):
     common = ("output.log_every=1", "train.max_steps=4", "eval.generation=false")
-    one = _run([sys.executable, "-m", "forgetless", "train", *fast_overrides(tmp_path / "one", pc_file, *common, "train.micro_batch_size=2", "train.grad_accum_steps=4")])
-    assert one.returncode == 0, one.stderr[-3000:]
+    _one(fast_overrides(tmp_path / "one", pc_file, *common, "train.micro_batch_size=2", "train.grad_accum_steps=4"))
     two = _run([sys.executable, "-m", "forgetless", "train", *fast_overrides(tmp_path / "two", pc_file, *common, "train.micro_batch_size=2", "train.grad_accum_steps=2"), "--nproc", "2"])
     assert two.returncode == 0, two.stderr[-3000:]
     l1, e1 = _losses(tmp_path / "one")
@@ -62,8 +68,7 @@ def test_kl_on_its_own_data_is_the_same_with_two_processes(tmp_path, pc_file):
     although length-grouping gives each process a different number of micro-batches."""
     common = ("output.log_every=1", "train.max_steps=3", "eval.generation=false", "eval.before=false",
               "methods.kl.data={path: demo:currencies, limit: 24}", "methods.kl.weight=1")
-    one = _run([sys.executable, "-m", "forgetless", "train", *fast_overrides(tmp_path / "one", pc_file, *common, "train.micro_batch_size=2", "train.grad_accum_steps=4")])
-    assert one.returncode == 0, one.stderr[-3000:]
+    _one(fast_overrides(tmp_path / "one", pc_file, *common, "train.micro_batch_size=2", "train.grad_accum_steps=4"))
     two = _run([sys.executable, "-m", "forgetless", "train", *fast_overrides(tmp_path / "two", pc_file, *common, "train.micro_batch_size=2", "train.grad_accum_steps=2"), "--nproc", "2"])
     assert two.returncode == 0, two.stderr[-3000:]
     k1, k2 = _terms(tmp_path / "one", "kl"), _terms(tmp_path / "two", "kl")

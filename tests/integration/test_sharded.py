@@ -29,23 +29,28 @@ SYNTHETIC = ("methods.synthetic_replay.prompts=demo:capitals", "methods.syntheti
              "methods.synthetic_replay.max_new_tokens=4", "methods.synthetic_replay.ratio=0.2",
              "methods.synthetic_replay.drop_unfinished=false")
 REPLAY = ("methods.replay.memory=[demo:capitals]", "methods.replay.size_examples=40", "methods.replay.ratio=0.2")
-MIX = ("methods.mix.sources.general=demo:general", "methods.mix.ratio=0.25")
+MIX = ("methods.mix.sources.general=demo:general", "methods.mix.ratio=0.2")
 # (example config, overrides adding methods): the methods a case runs are its config's and those it adds
+EWC = ("methods.ewc.weight=10000", "methods.ewc.fisher=sampled", "methods.ewc.data=demo:capitals", "methods.ewc.samples=32")
 CASES = {
     "full_finetune": ("full_finetune", ()),
-    "freeze+l2sp+kl+mix": ("freeze", ("methods.l2sp.weight=1.0", "methods.kl.weight=1.0", *MIX)),
-    "freeze+kl+mix": ("freeze", ("methods.kl.weight=1.0", *MIX)),
-    "ewc+replay+synthetic": ("ewc", (*REPLAY, *SYNTHETIC)),
-    # EWC's anchors kept in bfloat16 and sharded, with activation checkpointing
-    "ewc-bf16-checkpointing+replay+synthetic": ("ewc", (*REPLAY, *SYNTHETIC, "methods.ewc.anchor_dtype=bfloat16",
-                                                        "train.gradient_checkpointing=true")),
-    "replay+synthetic": ("replay", SYNTHETIC),
-    "lora_replay_kl": ("lora_replay_kl", ()),  # KL with the adapters switched off, replay and LoRA at once
+    # LoRA with replay and KL with the adapters switched off (the example), and L2-SP on the adapters
+    "lora_replay_kl+l2sp": ("lora_replay_kl", ("methods.l2sp.weight=1.0",)),
+    "lora_replay_kl": ("lora_replay_kl", ()),
+    # every other method at once, on the frozen-block model: KL's teacher is a frozen copy there
+    "freeze+ewc+kl+mix+replay+synthetic": ("freeze", (*EWC, "methods.kl.weight=1.0", *MIX, *REPLAY, *SYNTHETIC)),
+    # the same with EWC's anchors kept in bfloat16 (and sharded) and activation checkpointing
+    "freeze+ewc-bf16-checkpointing+kl+mix+replay+synthetic": ("freeze", (*EWC, "methods.ewc.anchor_dtype=bfloat16",
+                                                                        "train.gradient_checkpointing=true", "methods.kl.weight=1.0",
+                                                                        *MIX, *REPLAY, *SYNTHETIC)),
+    "freeze+kl+mix+replay+synthetic": ("freeze", ("methods.kl.weight=1.0", *MIX, *REPLAY, *SYNTHETIC)),
 }
+# Per backend: the cases compared with one process, and (last) the one also killed and resumed.
+# Plain full fine-tuning is the path every case takes with its methods' terms added.
 ON = {
-    "fsdp2": ["full_finetune", "freeze+l2sp+kl+mix", "ewc-bf16-checkpointing+replay+synthetic", "lora_replay_kl"],
-    "zero2": ["full_finetune", "freeze+l2sp+kl+mix", "ewc+replay+synthetic", "lora_replay_kl"],
-    "zero3": ["full_finetune", "freeze+kl+mix", "replay+synthetic", "lora_replay_kl"],
+    "fsdp2": ["full_finetune", "lora_replay_kl+l2sp", "freeze+ewc-bf16-checkpointing+kl+mix+replay+synthetic"],
+    "zero2": ["lora_replay_kl+l2sp", "freeze+ewc+kl+mix+replay+synthetic"],
+    "zero3": ["lora_replay_kl", "freeze+kl+mix+replay+synthetic"],
 }
 FLAGS = {"fsdp2": ["--fsdp2"], "zero2": ["--zero", "2"], "zero3": ["--zero", "3"], "ddp": []}
 needs_deepspeed = pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
@@ -100,33 +105,35 @@ def _train(out: Path, name: str, processes: int, *extra: str, env=None, backend:
     return _run(args, env=env)
 
 
-def _params(backend: str) -> list:
+def _params(backend: str, cases: list[str]) -> list:
     marks = [needs_deepspeed] if backend.startswith("zero") else []
-    return [pytest.param(backend, case, id=f"{backend}-{case}", marks=marks) for case in ON[backend]]
+    return [pytest.param(backend, case, id=f"{backend}-{case}", marks=marks) for case in cases]
 
 
-@pytest.mark.parametrize("backend, case", [p for b in ON for p in _params(b)])
+@pytest.mark.parametrize("backend, case", [p for b in ON for p in _params(b, ON[b][:-1])])
 def test_two_sharded_processes_match_one(tmp_path, backend, case):
     config, extra = CASES[case]
     _two_match_one(tmp_path, config, extra, backend)
 
 
-# DDP (each process a full copy) on the same check, for methods whose multi-process paths differ
-# most: A-GEM's reference gradients, EWC's Fisher before training
-@pytest.mark.parametrize("name", ["agem", "ewc"])
-def test_two_ddp_processes_match_one(tmp_path, name):
-    _two_match_one(tmp_path, name, (), "ddp")
+# DDP (each process a full copy) on the same check, for the method whose multi-process path differs
+# most: A-GEM's reference gradients (EWC's Fisher before training is checked on FSDP2 and ZeRO-2)
+def test_two_ddp_processes_match_one(tmp_path):
+    _two_match_one(tmp_path, "agem", (), "ddp")
 
 
-def _two_match_one(tmp_path, name: str, extra, backend: str) -> None:
+def _two_match_one(tmp_path, name: str, extra, backend: str, two: str = "two", steps: int = 3) -> None:
+    """One process (in this one: no second start-up) against two on ``backend``; ``two``: the
+    two-process run's directory under tmp_path, already run when it has a summary."""
     import forgetless
 
     config, *overrides = _overrides(tmp_path / "one", name, 4, *extra)
-    forgetless.train(forgetless.load_config(config, overrides))  # the one process: in this one (no second start-up)
-    two = _train(tmp_path / "two", name, 2, *extra, backend=backend)
-    assert two.returncode == 0, two.stderr[-3000:]
-    s1, s2 = _steps(tmp_path / "one"), _steps(tmp_path / "two")
-    assert len(s1) == len(s2) == 3
+    forgetless.train(forgetless.load_config(config, overrides))
+    if not (tmp_path / two / "summary.json").exists():
+        run = _train(tmp_path / two, name, 2, *extra, backend=backend)
+        assert run.returncode == 0, run.stderr[-3000:]
+    s1, s2 = _steps(tmp_path / "one"), _steps(tmp_path / two)
+    assert len(s1) == len(s2) == steps
     assert [r["loss"] for r in s2] == pytest.approx([r["loss"] for r in s1], rel=1e-4)
     assert [r["grad_norm"] for r in s2] == pytest.approx([r["grad_norm"] for r in s1], rel=1e-3)
     for r1, r2 in zip(s1, s2):  # every method's logged term, summed over the shards where it is a penalty
@@ -136,14 +143,14 @@ def _two_match_one(tmp_path, name: str, extra, backend: str) -> None:
     for term in ("l2sp", "ewc", "kl"):
         if term in s1[-1].get("terms", {}):
             assert s2[-1]["terms"][term] > 0  # a penalty that does something, equal on both
-    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    summary = json.loads((tmp_path / two / "summary.json").read_text())
     assert summary["train"]["processes"] == 2
     assert summary["train"]["placement"] == backend  # the run really was sharded so
     alone = json.loads((tmp_path / "one" / "summary.json").read_text())
     for name_, scores in alone["after"].items():  # scored whole on every process, the same as alone
         for metric, v in scores.items():
             assert summary["after"][name_][metric] == pytest.approx(v, rel=1e-3, abs=1e-4), (name_, metric)
-    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / two)
     assert w1.keys() == w2.keys() and w1
     for k in w1:
         assert torch.allclose(w1[k].float(), w2[k].float(), atol=1e-5), k
@@ -169,14 +176,13 @@ def test_processes_with_different_micro_batch_counts_stay_in_step(tmp_path, back
     assert sum(r.get("padded_passes", 0) for r in _steps(tmp_path / "two")) > 0  # the padding ran
 
 
-@pytest.mark.parametrize("backend, name, extra", [
-    ("fsdp2", "l2sp", ()),
-    pytest.param("zero2", "ewc", (), marks=needs_deepspeed),  # the optimiser's states through DeepSpeed's fragments
-    pytest.param("zero3", "replay", SYNTHETIC, marks=needs_deepspeed),  # and the parameters gathered from partitions
-])
-def test_killed_and_resumed_sharded_run_is_bit_identical(tmp_path, backend, name, extra):
+@pytest.mark.parametrize("backend, case", [p for b in ON for p in _params(b, ON[b][-1:])])
+def test_killed_and_resumed_sharded_run_is_bit_identical(tmp_path, backend, case):
     """Killed after step 3's record (before its checkpoint), resumed from step 2's checkpoint (gathered
-    whole, sharded again at the resume): the same losses, terms and weights as an uninterrupted run."""
+    whole, sharded again at the resume): the same losses, terms and weights as an uninterrupted
+    run, which itself matches one process. Under ZeRO the optimiser's states go through
+    DeepSpeed's fragments, and under ZeRO-3 the parameters are gathered from partitions."""
+    name, extra = CASES[case]
     extra = ("train.max_steps=4", "output.checkpoint_every=1", "output.keep_checkpoints=true", *extra)
     whole = _train(tmp_path / "whole", name, 2, *extra, backend=backend)
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -195,6 +201,7 @@ def test_killed_and_resumed_sharded_run_is_bit_identical(tmp_path, backend, name
     ca = load_file(str(tmp_path / "whole" / "checkpoints" / "step-000004" / "optimizer.safetensors"))
     cb = load_file(str(tmp_path / "cut" / "checkpoints" / "step-000004" / "optimizer.safetensors"))
     assert ca.keys() == cb.keys() and ca and all(torch.equal(ca[k], cb[k]) for k in ca)
+    _two_match_one(tmp_path, name, extra, backend, two="whole", steps=4)  # and the uninterrupted run is one process's
 
 
 @pytest.mark.parametrize("flags, extra, words", [
