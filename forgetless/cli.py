@@ -367,6 +367,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"no trial stayed inside the budget; see {out / 'tune.json'}")
     else:
         print(f"chosen: trial {result['chosen']}; its config: {out / 'best.yaml'} (forgetless train {out / 'best.yaml'})")
+    print(f"report: {out / 'tune.html'} (the front and every trial)")
     return 0
 
 
@@ -612,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
             "multi-objective TPE, starting from the field's advised settings. Each trial is a run of its own "
             "process under OUTPUT/trials/. Objectives: the new-task score and the share of the keep scores kept; "
             "a forgetting budget (data.keep.NAME.max_drop) is a constraint, and a trial over it stops early. Writes "
-            "OUTPUT/tune.json (trials, Pareto front, choice) and OUTPUT/best.yaml (the chosen config); "
+            "OUTPUT/tune.json (trials, Pareto front, choice), OUTPUT/tune.html (the front plotted, every trial) and "
+            "OUTPUT/best.yaml (the chosen config); "
             "--resume continues an interrupted search. Needs pip install 'forgetless[tune]'.", 100),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  forgetless tune run.yaml tune.trials=12 output.dir=runs/tune\n"

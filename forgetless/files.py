@@ -50,6 +50,9 @@ SEQUENCE_CONFIG = "sequence.yaml"
 INTERPOLATED_DIR = "interpolated"
 INTERPOLATION_FILE = "interpolation.json"
 FLIPS_FILE = "flips.json"  # the answers that flipped between before and after training
+TUNE_FILE = "tune.json"  # forgetless tune: every trial, the front, the chosen one
+TUNE_HTML = "tune.html"  # its report
+BEST_FILE = "best.yaml"  # the chosen trial's config
 MERGE_FILE = "merge.json"  # forgetless merge of task vectors: what was merged, how
 INTERPOLATION_CSV = "interpolation.csv"
 

@@ -406,9 +406,10 @@ def _setup(cfg: RunConfig, accelerator, trackers: list[str], ckpt: Optional[Chec
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     sharding = getattr(accelerator, "is_fsdp2", False)
     stage = zero.stage(accelerator)
-    names = {id(p): n for n, p in model.named_parameters()}
-    opt_state = optimizer.state_dict()  # its parameters' names and groups, before DeepSpeed flattens them
-    opt_layout = ([names[id(p)] for g in optimizer.param_groups for p in g["params"]], opt_state["param_groups"])
+    opt_layout: tuple = ((), ())
+    if stage:  # the optimiser's parameters by name, and its groups, before DeepSpeed flattens them (its checkpoint files)
+        names = {id(p): n for n, p in model.named_parameters()}
+        opt_layout = ([names.get(id(p), "?") for g in optimizer.param_groups for p in g["params"]], optimizer.state_dict()["param_groups"])
     if ckpt:
         if ckpt.trainer["data"] != fingerprint or ckpt.trainer["total_steps"] != total_steps:
             raise UserError(f"{ckpt.path}: the training data differs from the checkpoint's (a data file changed since?); resuming would not be exact, start a new run")
@@ -614,7 +615,7 @@ def _step(run: Run, step: int) -> StepOutcome:
         means[name] = means.get(name, 0.0) + v / max(counts[1 + owner], 1)
     bad_loss = not all(math.isfinite(v) for v in [*reduced[:-1], *step_terms.values()])
     problem = "non-finite loss" if bad_loss else ("non-finite grad" if reduced[-1] > 0 else None)
-    if run.zero:
+    if run.zero:  # the engine has stepped already; a non-finite loss gave non-finite gradients, which it skipped
         problem = "non-finite loss" if bad_loss else ("non-finite grad" if ds_skipped else None)
     elif problem is None or acc.scaler is not None:
         run.optimizer.step()

@@ -44,11 +44,10 @@ import yaml
 from forgetless.config import RunConfig, config_from_dict, redact_secrets, save_config, to_dict
 from forgetless.config.schema import TUNE_STRATEGIES
 from forgetless.errors import UserError
-from forgetless.files import SUMMARY_FILE
+from forgetless.files import BEST_FILE, SUMMARY_FILE, TUNE_FILE
+from forgetless.report.tune import write_tune_report
 from forgetless.registry import REGISTRY, STRENGTH
 
-TUNE_FILE = "tune.json"
-BEST_FILE = "best.yaml"
 JOURNAL_FILE = "tune.journal"
 STUDY = "forgetless-tune"
 REPLAY_MEMORY = 1000  # examples of tune.old_data a replay trial keeps (all of it when it has fewer)
@@ -320,6 +319,7 @@ def _write_result(study, cfg: RunConfig, out: Path, limits: dict) -> dict:
         raw["output"]["push_to_hub"] = cfg.output.push_to_hub  # the user's own choice, for the chosen run
         (out / BEST_FILE).write_text("# chosen by forgetless tune: " + chosen["label"] + "\n" + yaml.safe_dump(redact_secrets(raw), sort_keys=False),
                                      encoding="utf-8")
+    write_tune_report(out)
     return result
 
 

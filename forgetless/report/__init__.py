@@ -22,6 +22,7 @@ from forgetless.report.html import report_html
 from forgetless.report.results import load_results, read_loss_curve
 from forgetless.report.single import is_single_run, write_single_run_report
 from forgetless.report.tables import results_csv, summary_markdown, table_rows
+from forgetless.report.tune import is_tune_dir, write_tune_report
 
 __all__ = ["write_report"]
 
@@ -31,9 +32,11 @@ def write_report(run_dir: str | os.PathLike) -> dict[str, Path]:
 
     Raises :class:`~forgetless.errors.UserError` when ``run_dir/results.json`` is missing or
     malformed. For a single training run (``summary.json``, no ``results.json``) only
-    ``report.html`` is written.
+    ``report.html`` is written; for ``forgetless tune``'s output (``tune.json``), ``tune.html``.
     """
     run_dir = Path(run_dir)
+    if is_tune_dir(run_dir):  # forgetless tune's output: its front and trials
+        return {"html": write_tune_report(run_dir)}
     if is_single_run(run_dir):
         return write_single_run_report(run_dir)
     results = load_results(run_dir)

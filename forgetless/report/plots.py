@@ -293,9 +293,18 @@ def run_curves(log: RunLog, roles: dict[str, str]) -> Optional[Plot]:
     axes = fig.subplots(1, int(bool(steps)) + int(show_evals), squeeze=False)[0]
     if steps:
         axes[0].plot(steps, [log.losses[s] for s in steps], color=PALETTE[0], lw=1.3)
+        changes = log.controller_changes()
+        labelled = set()
+        for s in changes:  # where the forgetting budget's controller moved the protection
+            action = log.budgets[s].get("action")
+            axes[0].axvline(s, color=PALETTE[1] if action == "raised" else PALETTE[2], ls=":", lw=1,
+                            label=None if action in labelled else f"budget: protection {action}")
+            labelled.add(action)
         axes[0].set_xlabel("step")
         axes[0].set_ylabel("training loss")
         axes[0].set_title("training loss", loc="left")
+        if changes:
+            axes[0].legend(loc="best")
     if show_evals:
         ax = axes[-1]
         for i, (name, role) in enumerate(roles.items()):
@@ -369,3 +378,39 @@ def grouped_bars(groups: list[str], series: list[tuple[str, list[float], str]], 
         ax.set_ylim(*ylim)
     fig.legend(loc="outside upper center", ncols=len(series))
     return _png(fig, alt)
+
+
+@_styled
+def tune_front(result: dict) -> Optional[Plot]:
+    """``forgetless tune``'s trials: x = learned, y = kept, one point per finished trial (colour: its
+    strategy; hollow: over the budget); the front of the feasible ones joined and ringed; the
+    chosen one starred."""
+    done = [t for t in result.get("trials", []) if isinstance(t.get("learned"), (int, float)) and isinstance(t.get("kept"), (int, float))]
+    if not done:
+        return None
+    strategies = sorted({t["params"].get("strategy", "?") for t in done})
+    colour = {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(strategies)}
+    front = set(result.get("front") or [])
+    fig = _figure(7.6, 4.2)
+    ax = fig.add_subplot()
+    on_front = sorted((t for t in done if t["number"] in front), key=lambda t: t["learned"])
+    if len(on_front) > 1:
+        ax.plot([t["learned"] for t in on_front], [t["kept"] for t in on_front], color="#f0a030", lw=6, alpha=0.35,
+                solid_capstyle="round", zorder=1)
+    seen = set()
+    for t in done:
+        s = t["params"].get("strategy", "?")
+        feasible = t.get("feasible", True)
+        ax.scatter(t["learned"], t["kept"], s=60, zorder=3, linewidths=1.6, edgecolors=colour[s],
+                   facecolors=colour[s] if feasible else "white", label=None if s in seen else s)
+        seen.add(s)
+        if t["number"] in front:
+            ax.scatter(t["learned"], t["kept"], s=240, marker="o", facecolors="none", edgecolors="#f0a030", linewidths=2, zorder=2)
+        ax.annotate(str(t["number"]), (t["learned"], t["kept"]), xytext=(6, 4), textcoords="offset points", fontsize=8, color="#444444")
+        if t["number"] == result.get("chosen"):
+            ax.scatter(t["learned"], t["kept"], s=320, marker="*", color="#f0a030", edgecolors="#222222", linewidths=0.8, zorder=4)
+    ax.set_xlabel("learned (new-task score after training)")
+    ax.set_ylabel("kept (share of the keep sets' scores)")
+    ax.set_title("trials: the front ringed, the chosen one starred, hollow = over the budget", loc="left")
+    ax.legend(loc="best")
+    return _png(fig, "forgetless tune: learned vs kept per trial, with the Pareto front")

@@ -180,6 +180,11 @@ class RunLog:
     evals: dict[int, dict]
     last_step: int
     budgets: dict[int, dict] = field(default_factory=dict)  # the forgetting budget's checks (forgetless/recipes/budget.py)
+    budget_end: Optional[dict] = None  # its check at the end (whole keep sets; a restore of earlier weights)
+
+    def controller_changes(self) -> list[int]:
+        """The steps at which the budget's controller moved the protection's strength."""
+        return [s for s, r in sorted(self.budgets.items()) if r.get("action") in ("raised", "lowered")]
 
 
 def read_run_log(path: Path, label: str, notes: list[str]) -> RunLog:
@@ -202,7 +207,10 @@ def read_run_log(path: Path, label: str, notes: list[str]) -> RunLog:
             if isinstance(record.get("eval"), dict):
                 log.evals[step] = record["eval"]
             elif isinstance(record.get("budget"), dict):
-                if record["budget"].get("action") != "end":  # the end's record scores whole sets, not the samples
+                action = str(record["budget"].get("action", ""))
+                if action == "end" or action.startswith("restored"):  # the end's record scores whole sets, not the samples
+                    log.budget_end = record["budget"]
+                else:
                     log.budgets[step] = record["budget"]
             elif (loss := _number(record.get("loss"))) is not None:
                 log.losses[step] = loss

@@ -28,6 +28,7 @@ SET_METRICS = (
 EXTRA_CSS = """
 table.cmp td.good .sub { color: #1a7f37; font-weight: 600; } table.cmp td.bad .sub { color: #cf222e; font-weight: 600; }
 table.cmp td:nth-child(2), table.cmp th:nth-child(2) { text-align: left; }
+td.over { color: #cf222e; font-weight: 600; }
 """
 
 
@@ -92,6 +93,34 @@ def _budget_text(budget: dict) -> str:
     return "; ".join(parts) + "."
 
 
+def _decisions_section(log) -> list[str]:
+    """Every check of the forgetting budget: what it measured, and what the controller did."""
+    checks = [(s, r) for s, r in sorted(log.budgets.items()) if "action" in r]
+    if log.budget_end is not None:
+        checks.append((log.last_step, log.budget_end))
+    if not checks:
+        return []
+    names = sorted({n for _, r in checks for n in (r.get("drop") or {})})
+    head = "<th>step</th><th>online KL</th>" + "".join(f"<th>drop: {esc(n)}</th>" for n in names) + \
+        "<th>inside</th><th>action</th><th>strength after</th>"
+    rows = []
+    for step, r in checks:
+        drops = r.get("drop") or {}
+        cells = [f"{r['kl']:.4g}" if isinstance(r.get("kl"), (int, float)) else "–"]
+        cells += [f"{drops[n]:+.3f}" if isinstance(drops.get(n), (int, float)) else "–" for n in names]
+        action = str(r.get("action", ""))
+        where = "whole sets, at the end" if action == "end" or action.startswith("restored") else ""
+        cls = ' class="over"' if not r.get("inside", True) else ""
+        rows.append(f"<tr><td>{step}</td>" + "".join(f"<td>{c}</td>" for c in cells) +
+                    f"<td{cls}>{'yes' if r.get('inside') else 'no'}</td><td>{esc(action)}{' (' + where + ')' if where else ''}</td>"
+                    f"<td>x{r.get('strength', 1):.3g}</td></tr>")
+    return ["<h3>The controller's decisions</h3>",
+            '<p class="small muted">Each check: the online KL, each keep sample\'s drop from its starting score, whether the run '
+            "was inside its budget, and what the controller did to the protection's strength (dotted lines on the loss curve). "
+            "The last row scores the limited keep sets whole.</p>",
+            table(head, rows)]
+
+
 def _flips_section(flips: dict, shown: int = 10) -> list[str]:
     """Per set: how many answers flipped each way, and the first lost ones."""
     rows = [f"<tr><td>{esc(n)}</td><td>{esc(f.get('role', ''))}</td><td>{f.get('judged')}</td><td>{f.get('right_before')}</td>"
@@ -143,6 +172,7 @@ def write_single_run_report(run_dir: Path) -> dict[str, Path]:
         sections += ["<h2>Forgetting budget</h2>", f'<p class="small muted">{esc(_budget_text(budget or {}))}</p>',
                      figure(budget_plot, "At every check: the KL from the starting model on a fixed task sample, each keep "
                                          "sample's drop from its starting score, and the strength the controller set.")]
+        sections += _decisions_section(log)
     if (run_dir / FLIPS_FILE).is_file():
         sections += _flips_section(json.loads((run_dir / FLIPS_FILE).read_text(encoding="utf-8")))
     if config.is_file():

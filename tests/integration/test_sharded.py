@@ -204,6 +204,76 @@ def test_killed_and_resumed_sharded_run_is_bit_identical(tmp_path, backend, case
     _two_match_one(tmp_path, name, extra, backend, two="whole", steps=4)  # and the uninterrupted run is one process's
 
 
+POISON = '''"""Test only: chosen optimiser steps made non-finite, declared for the sharded backends."""
+from dataclasses import dataclass
+
+import torch
+
+from forgetless.config import option
+from forgetless.methods.base import Method
+from forgetless.registry import register
+
+
+@dataclass
+class PoisonConfig:
+    """Test only."""
+
+    loss_at: list[int] = option(factory=list, help="Steps whose loss is NaN.")
+    grad_at: list[int] = option(factory=list, help="Steps whose loss is finite but whose gradient is NaN.")
+
+
+class Poison(Method):
+    name = "poison"
+
+    def __init__(self, cfg):
+        self.cfg, self.step = cfg, 0
+
+    def step_terms(self, model):
+        self.step += 1
+        p = next(q for q in model.parameters() if q.requires_grad)
+        if self.step in self.cfg.loss_at:
+            return {"poison": p.sum() * float("nan")}
+        if self.step in self.cfg.grad_at:
+            return {"poison": torch.sqrt(p.sum() * 0.0)}  # value 0, gradient 0 * inf = nan
+        return {"poison": p.sum() * 0.0}
+
+
+register("poison", PoisonConfig, Poison, "test only", backends=("single", "ddp", "zero2", "zero3"))
+'''
+
+
+@needs_deepspeed
+def test_the_engine_skips_a_non_finite_step_and_it_is_logged(tmp_path):
+    """Under ZeRO the engine makes the update: a NaN loss (step 2) and a NaN gradient with a finite
+    loss (step 3) leave the weights and the optimiser's states as they were, and are logged as on
+    every backend."""
+    import sys as _sys
+
+    from forgetless.registry import REGISTRY as registry, unregister
+
+    plugin = tmp_path / "poison.py"
+    plugin.write_text(POISON)
+    extra = (f"plugins=[{plugin}]", "methods.poison.loss_at=[2]", "methods.poison.grad_at=[3]", "train.max_steps=4",
+             "output.checkpoint_every=1", "output.keep_checkpoints=true", "output.keep_last=10", "eval.before=false")
+    try:
+        run = _train(tmp_path / "run", "full_finetune", 2, *extra, backend="zero2")
+    finally:
+        if "poison" in registry:
+            unregister("poison")
+        for name in [n for n in _sys.modules if n.startswith("forgetless_plugin_")]:
+            del _sys.modules[name]
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = _records(tmp_path / "run")
+    assert {"step": 2, "skipped": "non-finite loss"} in records and {"step": 3, "skipped": "non-finite grad"} in records
+    assert [r["step"] for r in records if "loss" in r] == [1, 4]
+    ck = tmp_path / "run" / "checkpoints"
+    for name in ("model.safetensors", "optimizer.safetensors"):  # steps 2 and 3 changed nothing
+        a, b = load_file(str(ck / "step-000001" / name)), load_file(str(ck / "step-000003" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    before, after = load_file(str(ck / "step-000003" / "model.safetensors")), load_file(str(ck / "step-000004" / "model.safetensors"))
+    assert not all(torch.equal(before[k], after[k]) for k in after)  # and step 4 trains again
+
+
 @pytest.mark.parametrize("flags, extra, words", [
     (["--fsdp2"], ["methods.dft={}"], "methods.dft does not run on FSDP2"),
     (["--fsdp2"], ["methods.agem.memory=[{path: PC}]", "methods.agem.size_examples=8"], "methods.agem does not run on FSDP2"),

@@ -55,6 +55,18 @@ def test_the_controller_raises_the_protection_and_ends_inside_the_budget(scenari
     assert drop <= 0.05 + 0.02  # inside (at most 2 points over), without going back to earlier weights
     assert run.after["elements"]["score"] > run.before["elements"]["score"] + 0.3  # and it learned the new task
     assert run.train["budget"]["end"]["inside"] is (drop <= 0.05)
+    from forgetless.report import write_report
+    from forgetless.report.results import read_run_log
+
+    log = read_run_log(run.run_dir / "metrics.jsonl", "metrics.jsonl", [])
+    assert log.controller_changes() == [r["step"] for r in records if r["action"] in ("raised", "lowered")]
+    assert log.budget_end is not None and log.budget_end["action"] == "end"  # the end's whole-set check, apart from the samples'
+    assert all(r["action"] != "end" for r in log.budgets.values())
+    html = write_report(run.run_dir)["html"].read_text()
+    decisions = html.split("The controller&#x27;s decisions")[-1] if "&#x27;s decisions" in html else html.split("The controller's decisions")[-1]
+    assert "The controller" in html and decisions.count("<td>raised</td>") == sum(r["action"] == "raised" for r in records)
+    assert decisions.count("<td>lowered</td>") == sum(r["action"] == "lowered" for r in records)
+    assert "end (whole sets, at the end)" in decisions
 
 
 def test_over_budget_at_the_strongest_protection_the_run_stops_early(scenario):
@@ -80,6 +92,10 @@ def test_the_last_weights_inside_the_budget_come_back_at_the_end(scenario):
             assert torch.equal(saved[k], v), k
     end = [r for r in budget_records(run.run_dir) if r["action"].startswith("restored")]
     assert end and end[0]["action"] == f"restored step {kept}"
+    from forgetless.report import write_report
+
+    html = write_report(run.run_dir)["html"].read_text()
+    assert f"restored step {kept} (whole sets, at the end)" in html  # the last row of the decisions: the restore
 
 
 def test_a_killed_budgeted_run_resumes_to_the_same_decisions_and_weights(scenario):

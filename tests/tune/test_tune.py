@@ -84,6 +84,33 @@ def test_a_small_search_writes_the_front_and_the_chosen_config(tmp_path, capsys)
     chosen = result["trials"][result["chosen"]]
     assert list(best.methods) == [chosen["params"]["strategy"]] and best.budget.patience == 2  # the trial's own config
     assert f"chosen: trial {result['chosen']}" in capsys.readouterr().out
+    html = (out / "tune.html").read_text()  # the report: the front plotted, a row per trial, the chosen config
+    assert "data:image/png;base64," in html and html.count("<tr class=") == 3 and f"{result['chosen']} ★" in html
+    assert "best.yaml" in html and chosen["label"] in html
+    (out / "tune.html").unlink()
+    assert main(["report", str(out)]) == 0 and (out / "tune.html").read_text() == html  # and forgetless report writes it again
+
+
+def test_the_tune_report_shows_the_front_the_budget_and_unfinished_trials(tmp_path):
+    from forgetless.report.tune import write_tune_report
+
+    trials = [
+        {"number": 0, "state": "COMPLETE", "params": {"strategy": "lora"}, "label": "lora r=8", "learned": 0.7, "kept": 0.9,
+         "feasible": True, "budget_excess": -0.1, "steps": 40, "run_dir": str(tmp_path / "trials" / "0000-lora")},
+        {"number": 1, "state": "COMPLETE", "params": {"strategy": "kl"}, "label": "kl weight=0.1", "learned": 0.9, "kept": 0.5,
+         "feasible": False, "budget_excess": 0.25, "steps": 12, "run_dir": str(tmp_path / "trials" / "0001-kl")},
+        {"number": 2, "state": "RUNNING", "params": {"strategy": "l2sp"}, "label": "l2sp weight=1"},
+    ]
+    (tmp_path / "trials" / "0000-lora").mkdir(parents=True)
+    (tmp_path / "trials" / "0000-lora" / "report.html").write_text("<html></html>")
+    (tmp_path / "tune.json").write_text(json.dumps({"strategies": ["lora", "kl", "l2sp"], "limits": {"capitals": 0.1}, "trials": trials,
+                                                    "front": [0], "chosen": 0, "training_steps": 52}))
+    (tmp_path / "best.yaml").write_text("methods:\n  lora: {r: 8}\n")
+    html = write_tune_report(tmp_path).read_text()
+    assert "2 finished trials of 3" in html and "capitals max_drop 0.1" in html and "52 training steps" in html
+    assert '<tr class="front chosen"><td>0 ★</td>' in html and '<a href="trials/0000-lora/report.html">' in html
+    assert '<td class="over">no (+0.250)</td>' in html  # over the budget, by how much
+    assert "RUNNING" in html and "data:image/png;base64," in html and "lora: {r: 8}" in html
 
 
 @pytest.mark.slow
