@@ -2,7 +2,8 @@
 
 The front of learned vs kept over the trials (a plot and a table of every trial: its strategy and
 strengths, both objectives, whether it kept the budget, its steps, a link to its run's report),
-the chosen trial and the config written for it (``best.yaml``).
+the chosen trial and the config written for it (``best.yaml``). A finished trial without a
+``report.html`` of its own gets one, so that its row links to it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from forgetless.errors import UserError
 from forgetless.files import BEST_FILE, TUNE_FILE, TUNE_HTML
 from forgetless.report import plots
 from forgetless.report.html import config_block, esc, figure, page, table
+from forgetless.report.single import is_single_run, write_single_run_report
 
 CSS = """
 tr.front td:first-child { font-weight: 700; } tr.chosen { background: #fff4d6; } td.over { color: #cf222e; font-weight: 600; }
@@ -49,6 +51,8 @@ def write_tune_report(out: Path) -> Path:
         classes = " ".join(c for c, on in (("front", number in front), ("chosen", number == chosen)) if on)
         run_dir = t.get("run_dir")
         link = ""
+        if run_dir and "learned" in t and not (Path(run_dir) / "report.html").is_file() and is_single_run(Path(run_dir)):
+            write_single_run_report(Path(run_dir))  # each finished trial's own report, to link to
         if run_dir:
             rel = Path(run_dir)
             try:

@@ -87,6 +87,7 @@ def test_a_small_search_writes_the_front_and_the_chosen_config(tmp_path, capsys)
     html = (out / "tune.html").read_text()  # the report: the front plotted, a row per trial, the chosen config
     assert "data:image/png;base64," in html and html.count("<tr class=") == 3 and f"{result['chosen']} ★" in html
     assert "best.yaml" in html and chosen["label"] in html
+    assert html.count('/report.html">') == 3 and all((tmp_path / t["run_dir"] / "report.html").is_file() for t in result["trials"])
     (out / "tune.html").unlink()
     assert main(["report", str(out)]) == 0 and (out / "tune.html").read_text() == html  # and forgetless report writes it again
 
