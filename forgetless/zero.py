@@ -16,7 +16,9 @@ checkpoint format (pickled). Under ZeRO:
 - **checkpoints are the files of every other backend**: the optimiser's states are read per
   parameter, whole, through DeepSpeed's fragment API (``safe_get_full_optimizer_state``) and
   written back after ``prepare`` on resume (:func:`optimizer_files`, :func:`restore_optimizer`);
-  under ZeRO-3 parameters are gathered one at a time to save them (:func:`gathered_model`).
+  under ZeRO-3 parameters are gathered one at a time to save them (:func:`gathered_model`);
+- **penalties on ZeRO-3 partitions** (L2-SP, EWC): computed on each process's partition, their
+  gradient added to the partition's gradient before the engine's step (:func:`partitioned_squares`).
 
 accelerate forms DeepSpeed only on accelerators (on a CPU it gives DDP, or N single-process runs).
 :func:`enable_on_cpu` switches the same accelerate code path on for a CPU process group (gloo),
@@ -34,7 +36,7 @@ import torch
 from forgetless.errors import UserError
 
 __all__ = ["is_deepspeed", "stage", "enable_on_cpu", "config_problem", "read_config", "configure", "engine", "backward", "step", "optimizer_files",
-           "restore_optimizer", "gathered_model", "model_tensors"]
+           "restore_optimizer", "gathered_model", "model_tensors", "is_partitioned", "local_partition", "partitioned_squares"]
 
 
 def is_deepspeed(accelerator) -> bool:
@@ -163,6 +165,7 @@ def step(accelerator) -> tuple[float, bool]:
     """The engine's update (clip, step, zero the gradients). Returns the gradient norm before
     clipping (inf where it was not finite) and whether the engine skipped the update for it."""
     e = engine(accelerator)
+    _apply_deferred()  # penalties on ZeRO-3 partitions: their gradients, before the engine clips and steps
     e.step()
     norm = e.get_global_grad_norm()
     norm = float(norm.item() if torch.is_tensor(norm) else (norm if norm is not None else float("nan")))
@@ -317,3 +320,74 @@ def gathered_model(model, keep: bool = True):
         for module, name, p in swapped:
             module._parameters[name] = p
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Penalties on ZeRO-3 partitions (L2-SP, EWC): outside a forward pass a ZeRO-3 parameter holds no
+# values, only this process's partition (``ds_tensor``), and its gradient lives in the
+# optimiser's partition. The penalty 1/2 sum w (p - a)^2 is separable, so each process computes it
+# on its partition (the values sum to the whole penalty) and adds its gradient w (p - a), times
+# the factor the loss gives the term, to its gradient partition after the backward pass and
+# before the engine's step (:func:`step`), where the model's own gradients are already reduced.
+# ------------------------------------------------------------------------------------------------
+
+_DEFERRED: list = []  # (parameter, gradient of its partition): added to the gradients before the next step
+
+
+def is_partitioned(p) -> bool:
+    """Whether ``p`` is a ZeRO-3 parameter (its data this process's partition outside a forward)."""
+    return _partitioned(p)
+
+
+def local_partition(t: torch.Tensor, p) -> torch.Tensor:
+    """This process's ZeRO-3 partition of ``t`` (whole, shaped like ``p``): the flat slice DeepSpeed
+    keeps of ``p``, zero-padded at the end like it, on ``p``'s device."""
+    import torch.distributed as dist
+
+    part = p.ds_tensor.numel()
+    start = dist.get_rank(group=p.ds_process_group) * part
+    piece = t.detach().reshape(-1)[start:start + part]
+    if piece.numel() < part:
+        piece = torch.cat([piece, piece.new_zeros(part - piece.numel())])
+    return piece.to(p.ds_tensor.device, copy=True)
+
+
+class _PartitionedSquares(torch.autograd.Function):
+    """``1/2 sum w (p - a)^2`` over this process's partitions; its backward defers ``w (p - a) x
+    grad_out`` to the partitions' gradients (applied in :func:`step`)."""
+
+    @staticmethod
+    def forward(ctx, handle, params: list, anchors: list, weights):
+        value = torch.zeros((), dtype=torch.float32, device=handle.device)
+        grads = []
+        for i, p in enumerate(params):
+            theta = p.ds_tensor.detach()
+            diff = theta - anchors[i].to(theta.dtype)
+            g = diff * (weights[i].to(theta.dtype) if isinstance(weights, list) else weights)
+            value = value + torch.dot(g.float(), diff.float())
+            grads.append(g)
+        ctx.params, ctx.grads = params, grads
+        return value / 2
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        _DEFERRED.extend((p, g.float() * grad_out.float()) for p, g in zip(ctx.params, ctx.grads))
+        ctx.params = ctx.grads = None
+        return torch.zeros((), device=grad_out.device), None, None, None
+
+
+def partitioned_squares(params: list, anchors: list, weights) -> torch.Tensor:
+    """The penalty of this process's partitions (``anchors`` and ``weights``: :func:`local_partition`
+    of the whole ones; ``weights`` may be one number); differentiable in effect: the loss's
+    backward defers its gradient to the partitions."""
+    handle = torch.zeros((), device=params[0].ds_tensor.device, requires_grad=True)  # gives the term a backward
+    return _PartitionedSquares.apply(handle, params, anchors, weights)
+
+
+def _apply_deferred() -> None:
+    from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+    for p, g in _DEFERRED:
+        current = safe_get_local_grad(p)
+        safe_set_local_grad(p, current + g.to(current.device, current.dtype).reshape(current.shape))
+    _DEFERRED.clear()

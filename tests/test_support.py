@@ -50,7 +50,8 @@ def test_what_is_refused_and_why():
     assert unsupported(["lora", "moe_lora"], ["fsdp2"]) == "methods.moe_lora does not run on FSDP2"
     assert unsupported(["lora", "moe_lora"], ["zero3"]) == "methods.moe_lora does not run on ZeRO-3"
     assert unsupported(["lora", "kl", "replay", "mix", "freeze"], ["zero3"]) is None and unsupported([], ["zero2"]) is None
-    assert unsupported(["ewc"], ["zero3"]) == "methods.ewc does not run on ZeRO-3"
+    assert unsupported(["ewc", "l2sp"], ["zero3"]) is None  # their penalties run on the partitions
+    assert unsupported(["agem"], ["zero3"]) == "methods.agem does not run on ZeRO-3"
     assert unsupported(["agem"], ["zero2"]) == "methods.agem does not run on ZeRO-2"
     assert unsupported(["lora", "kl", "replay"], ["single", "qlora"]) is None
     assert unsupported(["kl"], ["single", "qlora"]) == "a 4-bit base trains only adapters: add methods.lora"
@@ -58,7 +59,7 @@ def test_what_is_refused_and_why():
 
 
 @pytest.mark.parametrize("env, overrides, message", [
-    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, ["methods.l2sp.weight=1"], "methods.l2sp does not run on ZeRO-3"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, ["methods.dft={}"], "methods.dft does not run on ZeRO-3"),
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, ["methods.l2sp.weight=1", "budget.kl_max=0.1"], "does not run under ZeRO-2 yet"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["methods.mofo={}"], "methods.mofo does not run on FSDP2"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["methods.l2sp.weight=1", "budget.kl_max=0.1"], "the forgetting budget"),
@@ -78,9 +79,9 @@ def test_a_refused_deepspeed_launch_writes_nothing(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     out = tmp_path / "run"
-    assert main(["train", *TINY, "methods.ewc.weight=1", f"output.dir={out}"]) == 2
+    assert main(["train", *TINY, "methods.dft={}", f"output.dir={out}"]) == 2
     err = capsys.readouterr().err
-    assert "methods.ewc does not run on ZeRO-3" in err and err.count("\n") == 1
+    assert "methods.dft does not run on ZeRO-3" in err and err.count("\n") == 1
     assert not out.exists()
 
 

@@ -33,6 +33,7 @@ from forgetless.errors import ConfigError, UserError
 from forgetless.methods.base import Context, Method
 from forgetless.registry import register, REGULARIZE, STARTS_AT_BASE, STRENGTH
 from forgetless.methods.fisher import FISHER_KINDS, diagonal_fisher, trainable
+from forgetless import zero
 from forgetless.sharding import gathered, is_dtensor, local, shard_like
 
 STATE_FILE = "ewc_state.safetensors"
@@ -125,8 +126,11 @@ def anchored_squares(params: list, anchors: list, weights) -> torch.Tensor:
     ``weights``: one tensor per parameter (EWC: strength x Fisher) or one number (L2-SP: strength).
     FSDP2 shards (DTensors, anchors and weights sharded alike: :func:`bind_anchored`): the penalty
     of this process's shards, whose gradient is exactly theirs; the processes' values sum to the
-    whole penalty (the recipe adds them up for the log).
+    whole penalty (the recipe adds them up for the log). ZeRO-3 partitions (anchors and weights
+    given as :func:`partitions`): the same, through :func:`forgetless.zero.partitioned_squares`.
     """
+    if params and zero.is_partitioned(params[0]):
+        return zero.partitioned_squares(params, anchors, weights)
     if params and is_dtensor(params[0]):
         params, anchors = [local(p) for p in params], [local(a) for a in anchors]
         weights = [local(w) for w in weights] if isinstance(weights, list) else weights
@@ -141,6 +145,11 @@ def kept_dtype(param: torch.Tensor, choice: str) -> torch.dtype:
 def anchor_copy(param: torch.Tensor, choice: str) -> torch.Tensor:
     """A detached copy of ``param`` in :func:`kept_dtype`."""
     return param.detach().to(dtype=kept_dtype(param, choice), copy=True)
+
+
+def partitions(params: list, tensors: list) -> list:
+    """ZeRO-3: this process's partition of each whole tensor, like its parameter's."""
+    return [zero.local_partition(t, p) for t, p in zip(tensors, params)]
 
 
 def bind_anchored(model, names: list[str], *per_param: list) -> tuple:
@@ -166,6 +175,7 @@ class EWC(Method):
         self.weights: list[torch.Tensor] = []  # weight * normalised Fisher, like the parameters (what the penalty uses)
         self.samples = 0
         self._stats: dict = {}  # the whole Fisher's statistics, taken before FSDP2 splits it (bind)
+        self._partitions: Optional[tuple] = None  # ZeRO-3: the anchors' and weights' partitions the penalty uses (bind)
 
     def before_train(self, model, ctx: Context) -> None:
         cfg = self.cfg
@@ -214,8 +224,13 @@ class EWC(Method):
         if self.params and is_dtensor(self.params[0]):  # FSDP2: the raw Fisher as shards too, nothing whole left per process
             self._stats = self._fisher_stats()  # of the whole Fisher, before it is split (a shard's max is not the max)
             self.fisher = fisher
+        if self.params and zero.is_partitioned(self.params[0]):  # ZeRO-3: partitions on the device, the whole on the CPU (checkpoints)
+            self._partitions = (partitions(self.params, self.anchors), partitions(self.params, self.weights))
+            self.anchors, self.weights = [a.cpu() for a in self.anchors], []
 
     def step_terms(self, model) -> dict[str, torch.Tensor]:
+        if self._partitions is not None:
+            return {"ewc": anchored_squares(self.params, *self._partitions)}
         if self.anchors and self.anchors[0].device != self.params[0].device:  # the recipe moved the model
             self.anchors = [a.to(p.device) for a, p in zip(self.anchors, self.params)]
             self.weights = [w.to(p.device) for w, p in zip(self.weights, self.params)]
@@ -296,4 +311,4 @@ def load_state(path: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 register("ewc", EWCConfig, EWC, "Elastic weight consolidation: a diagonal-Fisher penalty on moving weights old data depends on (online EWC across runs).",
-         phase=REGULARIZE, provides={STARTS_AT_BASE: "", STRENGTH: ""}, backends=("single", "ddp", "fsdp2", "zero2", "qlora"))  # on a 4-bit base: the adapters
+         phase=REGULARIZE, provides={STARTS_AT_BASE: "", STRENGTH: ""}, backends=("single", "ddp", "fsdp2", "zero2", "zero3", "qlora"))  # on a 4-bit base: the adapters

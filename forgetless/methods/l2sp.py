@@ -19,7 +19,8 @@ from forgetless.config import option
 from forgetless.errors import ConfigError
 from forgetless.methods.base import Context, Method
 from forgetless.registry import register, REGULARIZE, STARTS_AT_BASE, STRENGTH
-from forgetless.methods.ewc import anchor_copy, anchored_squares, bind_anchored
+from forgetless import zero
+from forgetless.methods.ewc import anchor_copy, anchored_squares, bind_anchored, partitions
 from forgetless.methods.fisher import trainable
 
 
@@ -46,6 +47,7 @@ class L2SP(Method):
         self.names: list[str] = []
         self.params: list[torch.nn.Parameter] = []
         self.anchors: list[torch.Tensor] = []
+        self._partitions: list[torch.Tensor] | None = None  # ZeRO-3: the anchors' partitions the penalty uses (bind)
 
     def before_train(self, model, ctx: Context) -> None:
         params = trainable(model)
@@ -55,8 +57,13 @@ class L2SP(Method):
 
     def bind(self, model, ctx: Context) -> None:
         self.params, self.anchors = bind_anchored(model, self.names, self.anchors)
+        if self.params and zero.is_partitioned(self.params[0]):  # ZeRO-3: partitions on the device, the whole on the CPU (checkpoints)
+            self._partitions = partitions(self.params, self.anchors)
+            self.anchors = [a.cpu() for a in self.anchors]
 
     def step_terms(self, model) -> dict[str, torch.Tensor]:
+        if self._partitions is not None:
+            return {"l2sp": anchored_squares(self.params, self._partitions, self.cfg.weight)}
         if self.anchors and self.anchors[0].device != self.params[0].device:  # the recipe moved the model
             self.anchors = [a.to(p.device) for a, p in zip(self.anchors, self.params)]
         return {"l2sp": anchored_squares(self.params, self.anchors, self.cfg.weight)}
@@ -72,4 +79,4 @@ class L2SP(Method):
 
 
 register("l2sp", L2SPConfig, L2SP, "L2-SP: a squared-distance penalty pulling the weights toward their starting values.",
-         phase=REGULARIZE, provides={STARTS_AT_BASE: "", STRENGTH: ""}, backends=("single", "ddp", "fsdp2", "zero2", "qlora"))  # on a 4-bit base: the adapters
+         phase=REGULARIZE, provides={STARTS_AT_BASE: "", STRENGTH: ""}, backends=("single", "ddp", "fsdp2", "zero2", "zero3", "qlora"))  # on a 4-bit base: the adapters

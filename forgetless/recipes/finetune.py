@@ -597,7 +597,7 @@ def _step(run: Run, step: int) -> StepOutcome:
     references = [(m, _reference_gradients(run, streams, step, params)) for m, streams in run.references]
     sums = forward_backward(run.model, micro, acc, scale=world / max(global_targets, 1), methods=run.methods, paired=jobs, pads=pads)
     step_terms, paired_sums = sums.pop("step_terms"), sums.pop("paired")
-    if run.sharded and step_terms:  # each process added the penalty of its shards: the step's value is their sum
+    if (run.sharded or run.zero == 3) and step_terms:  # each process added the penalty of its shards: the step's value is their sum
         step_terms = dict(zip(step_terms, _reduce_sum(acc, torch.tensor(list(step_terms.values()), dtype=torch.float64)).tolist()))
     gradient = {}
     for m, ref in references:  # every process holds the same synchronised gradients, so each edits them alike
