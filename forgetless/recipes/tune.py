@@ -18,7 +18,10 @@ rate); any other trial (LoRA, plain full fine-tuning)
 runs with ``budget.patience=2``, so when it is over budget twice in a row it stops early: the
 budget prunes it. The sampler is Optuna's multi-objective TPE; its first trials are the field's advice
 for what the user has (LoRA; full fine-tuning with a KL anchor; general data mixed in; replay of
-old data; EWC on old data), then it explores. The study is an Optuna journal file
+old data; EWC on old data). With a budget, each advised start of a controlled strategy is followed
+by up to FOLLOW_UPS trials warm-started from the controller of the one before: its strength times
+the factor that controller held on average over the run (:func:`follow_up`), until the controller
+settles. Then the sampler explores. The study is an Optuna journal file
 (``OUTPUT/tune.journal``): ``--resume`` keeps every finished trial and continues an interrupted
 one from its checkpoint.
 
@@ -44,7 +47,7 @@ import yaml
 from forgetless.config import RunConfig, config_from_dict, redact_secrets, save_config, to_dict
 from forgetless.config.schema import TUNE_STRATEGIES
 from forgetless.errors import UserError
-from forgetless.files import BEST_FILE, SUMMARY_FILE, TUNE_FILE
+from forgetless.files import BEST_FILE, METRICS_FILE, SUMMARY_FILE, TUNE_FILE
 from forgetless.report.tune import write_tune_report
 from forgetless.registry import REGISTRY, STRENGTH
 
@@ -170,21 +173,57 @@ def trial_config(cfg: RunConfig, params: dict, run_dir: Path) -> RunConfig:
     return config_from_dict(raw)
 
 
+# The searched strength of each strategy that has one: its parameter and range (log-scaled for weights).
+STRENGTHS = {"kl": ("kl.weight", 0.03, 10.0, True), "l2sp": ("l2sp.weight", 1e-4, 1.0, True), "ewc": ("ewc.weight", 0.01, 100.0, True),
+             "mix": ("mix.ratio", 0.05, 0.5, False), "replay": ("replay.ratio", 0.05, 0.5, False)}
+FOLLOW_UPS = 2  # warm-started trials after each advised start of a controlled strategy (see follow_up)
+SETTLED = 1.25  # a controller whose mean factor stays within [1/SETTLED, SETTLED] gets no follow-up
+
+
 def suggest(trial, strategies: list[str], lr_range: float) -> dict:
     """The trial's strategy and strengths (Optuna's define-by-run space)."""
     strategy = trial.suggest_categorical("strategy", strategies)
     params = {"strategy": strategy, "lr_factor": trial.suggest_float("lr_factor", 1.0 / lr_range, lr_range, log=True)}
     if strategy == "lora":
         params["lora.r"] = trial.suggest_categorical("lora.r", [8, 16, 32])
-    elif strategy == "kl":
-        params["kl.weight"] = trial.suggest_float("kl.weight", 0.03, 10.0, log=True)
-    elif strategy == "l2sp":
-        params["l2sp.weight"] = trial.suggest_float("l2sp.weight", 1e-4, 1.0, log=True)
-    elif strategy == "ewc":
-        params["ewc.weight"] = trial.suggest_float("ewc.weight", 0.01, 100.0, log=True)
-    elif strategy in ("mix", "replay"):
-        params[f"{strategy}.ratio"] = trial.suggest_float(f"{strategy}.ratio", 0.05, 0.5)
+    elif strategy in STRENGTHS:
+        key, low, high, log = STRENGTHS[strategy]
+        params[key] = trial.suggest_float(key, low, high, log=log)
     return params
+
+
+def effective_scale(checks: list[tuple[int, float]], steps: int) -> float:
+    """The controller's factor over a run, as one number: the geometric mean, over the optimiser
+    steps, of the factor in force at each (1 until the first check; each check's from its step on).
+    ``checks``: (step, factor after the check) in step order; ``steps``: the run's steps."""
+    if steps <= 0:
+        return 1.0
+    total, at, log_s = 0.0, 0, 0.0
+    for step, factor in checks:
+        step = min(max(step, at), steps)
+        total += (step - at) * log_s
+        at, log_s = step, math.log(max(factor, 1e-12))
+    total += (steps - at) * log_s
+    return math.exp(total / steps)
+
+
+def follow_up(params: dict, scale: float) -> Optional[dict]:
+    """The next trial of a controlled strategy, warm-started from the last one's controller: its
+    strength times the factor the controller held on average (``scale``, :func:`effective_scale`),
+    within the search range; None when the controller had settled or the range allows no move.
+
+    The controller of one run starts at the sampled strength and moves it only every
+    ``budget.every_steps``; a run that starts too weak forgets before the controller catches up,
+    one that starts too strong learns less while it relaxes. Starting the next trial where the last
+    one's controller spent its run is a warm start of the dual variable across runs."""
+    strategy = params["strategy"]
+    if strategy not in STRENGTHS or 1.0 / SETTLED <= scale <= SETTLED:
+        return None
+    key, low, high, _ = STRENGTHS[strategy]
+    value = min(high, max(low, float(params[key]) * scale))
+    if math.isclose(value, float(params[key]), rel_tol=1e-6):
+        return None
+    return {**params, key: value}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,15 +264,42 @@ def tune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, say=p
                                 load_if_exists=True)
     if not study.trials:
         for params in advised_starts(strategies)[: cfg.tune.trials]:
-            study.enqueue_trial(params)
+            study.enqueue_trial(params, user_attrs={"depth": 0})
     # an interrupted trial (a killed search): its run goes on from its checkpoint, under its number
     for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         _finish_trial(study, storage, cfg, frozen.number, frozen.params, out, limits, say, resume=True)
     while len([t for t in study.trials if t.state.is_finished()]) < cfg.tune.trials:
+        if limits:
+            _enqueue_follow_ups(study, out)
         trial = study.ask()
         params = suggest(trial, strategies, cfg.tune.lr_range)
         _finish_trial(study, storage, cfg, trial.number, params, out, limits, say, resume=False)
     return _write_result(study, cfg, out, limits)
+
+
+def _enqueue_follow_ups(study, out: Path) -> None:
+    """For every finished advised start (or follow-up) of a controlled strategy without its follow-up
+    yet: the next trial warm-started from its controller (:func:`follow_up`), up to FOLLOW_UPS deep.
+    Decided from the journal and the trials' files alone, so a resumed search makes the same ones."""
+    import optuna
+
+    followed = {t.user_attrs.get("follows") for t in study.trials}
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        depth = t.user_attrs.get("depth")
+        if depth is None or depth >= FOLLOW_UPS or t.number in followed or t.params.get("strategy") not in STRENGTHS:
+            continue
+        run_dir = _trial_dir(out, t.number, t.params["strategy"])
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+        checks = [(r["step"], r["budget"]["strength"]) for r in _metrics(run_dir)
+                  if "budget" in r and "strength" in r["budget"] and r["budget"].get("action") != "end"]
+        params = follow_up(dict(t.params), effective_scale(checks, int(summary.get("train", {}).get("steps") or 0)))
+        if params is not None:
+            study.enqueue_trial(params, user_attrs={"depth": depth + 1, "follows": t.number})
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / METRICS_FILE
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.is_file() else []
 
 
 def _trial_dir(out: Path, number: int, strategy: str) -> Path:
@@ -324,4 +390,4 @@ def _write_result(study, cfg: RunConfig, out: Path, limits: dict) -> dict:
 
 
 __all__ = ["tune", "objectives", "budget_excess", "pareto_front", "choose", "strategies_for", "advised_starts", "trial_config",
-           "TUNE_STRATEGIES"]
+           "effective_scale", "follow_up", "TUNE_STRATEGIES"]

@@ -1,6 +1,7 @@
 """forgetless tune: the objectives and the choice by hand, a small search, and a killed search resumed."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,7 +12,8 @@ import pytest
 
 import forgetless
 from forgetless.cli import main
-from forgetless.recipes.tune import advised_starts, budget_excess, choose, objectives, pareto_front, strategies_for, trial_config
+from forgetless.recipes.tune import (advised_starts, budget_excess, choose, effective_scale, follow_up, objectives, pareto_front,
+                                     strategies_for, trial_config)
 from tests.conftest import FAST_MODEL
 
 SUMMARY = {
@@ -50,6 +52,55 @@ def test_auto_strategies_follow_what_the_user_has():
     assert list(t.methods) == ["replay"] and t.methods["replay"].ratio == 0.3 and t.train.lr == pytest.approx(cfg.train.lr * 2)
     lora = trial_config(cfg, {"strategy": "lora", "lora.r": 8, "lr_factor": 1.0}, cfg.output.dir)
     assert lora.methods["lora"].r == 8 and lora.train.lr == pytest.approx(cfg.train.lr * 10)
+
+
+def test_the_controllers_mean_factor_over_the_steps():
+    assert effective_scale([], 24) == 1.0  # no check: the starting strength throughout
+    # 1 for steps 0-7, 4 for 8-15, 0.25 for 16-23: log mean (0 + log 4 - log 4) / 3
+    assert effective_scale([(8, 4.0), (16, 0.25)], 24) == pytest.approx(1.0)
+    assert effective_scale([(12, 16.0)], 24) == pytest.approx(4.0)  # half the run at x16
+    assert effective_scale([(6, 2.0), (18, 8.0)], 24) == pytest.approx(math.exp((6 * 0 + 12 * math.log(2) + 6 * math.log(8)) / 24))
+
+
+def test_a_follow_up_starts_where_the_controller_spent_its_run():
+    params = {"strategy": "l2sp", "l2sp.weight": 0.01, "lr_factor": 1.5}
+    assert follow_up(params, 8.0) == {"strategy": "l2sp", "l2sp.weight": pytest.approx(0.08), "lr_factor": 1.5}
+    assert follow_up(params, 1.1) is None  # the controller had settled near the start
+    assert follow_up({**params, "l2sp.weight": 0.5}, 8.0)["l2sp.weight"] == 1.0  # within the search range
+    assert follow_up({**params, "l2sp.weight": 1.0}, 8.0) is None  # at its end already: nothing to try
+    assert follow_up({"strategy": "replay", "replay.ratio": 0.2, "lr_factor": 1.0}, 0.5)["replay.ratio"] == pytest.approx(0.1)
+    assert follow_up({"strategy": "lora", "lora.r": 8, "lr_factor": 1.0}, 8.0) is None  # no strength to warm-start
+
+
+def test_follow_ups_are_enqueued_from_the_trials_files_once(tmp_path):
+    """An advised start whose controller held x4 on average gets one follow-up at 4x its strength,
+    once; a settled one and a trial the sampler picked get none."""
+    optuna = pytest.importorskip("optuna")
+    from forgetless.recipes.tune import _enqueue_follow_ups, _trial_dir, suggest
+
+    study = optuna.create_study(directions=["maximize", "maximize"])
+
+    def finish(params, checks, attrs):
+        study.enqueue_trial(params, user_attrs=attrs)
+        trial = study.ask()
+        assert suggest(trial, ["l2sp", "kl"], 3.0) == params  # tune's suggest() takes the enqueued values
+        run_dir = _trial_dir(tmp_path, trial.number, params["strategy"])
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text(json.dumps({"train": {"steps": 24}}))
+        lines = [{"step": s, "budget": {"kl": 0.1, "strength": f, "action": "raised"}} for s, f in checks]
+        lines.append({"step": 24, "budget": {"strength": 100.0, "action": "end"}})  # the end's record is not a check
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        study.tell(trial, [0.5, 0.5])
+        return trial.number
+
+    first = finish({"strategy": "l2sp", "l2sp.weight": 0.01, "lr_factor": 1.0}, [(12, 16.0)], {"depth": 0})
+    finish({"strategy": "kl", "kl.weight": 1.0, "lr_factor": 1.0}, [(12, 1.1)], {"depth": 0})  # settled
+    finish({"strategy": "l2sp", "l2sp.weight": 0.3, "lr_factor": 1.0}, [(12, 16.0)], {})  # the sampler's: not followed
+    _enqueue_follow_ups(study, tmp_path)
+    _enqueue_follow_ups(study, tmp_path)  # again (a resumed search): nothing more
+    waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    assert len(waiting) == 1 and waiting[0].user_attrs == {"depth": 1, "follows": first}
+    assert waiting[0].system_attrs["fixed_params"]["l2sp.weight"] == pytest.approx(0.04)
 
 
 @pytest.mark.parametrize("overrides, message", [
