@@ -378,7 +378,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from forgetless.recipes.diagnose import diagnose
 
     report = diagnose(args.run_dir, k=args.k, steps=args.steps, lr=args.lr, sets=args.sets, seed=args.seed,
-                      max_examples=args.max_examples, progress=True)
+                      max_examples=args.max_examples, min_drop=args.min_drop, progress=True)
     table = Table(title=f"spurious or real forgetting: {args.run_dir} (k = {report['k']} examples, {report['steps']} steps)",
                   title_justify="left", caption="scores on each keep set's examples not trained on; recovered = (after - final) / (start - final)",
                   caption_justify="left")
@@ -645,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", dest="sets", metavar="NAME", help="only this keep set (repeatable; default all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the k examples' choice and of the steps (default 0)")
     p.add_argument("--max-examples", type=int, default=None, help="score at most this many of the other examples (default: the run's eval.max_examples)")
+    p.add_argument("--min-drop", type=float, default=0.02,
+                   help="a set that lost less than this (absolute; relative for loss/perplexity) is 'nothing lost', no share (default 0.02)")
     p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser(

@@ -10,9 +10,11 @@ and after the few steps. The recovered share
 
     recovered = (after recovery - final) / (start - final)
 
-is 1 when the few steps give back all that was lost and 0 when they give back nothing; where the
-final model lost nothing (start - final below ``min_drop``) it is not defined. A share of 0.5 or
-more is reported as mostly spurious. The few-step runs live under ``RUN_DIR/diagnose/`` and the
+is 1 when the few steps give back all that was lost and 0 when they give back nothing (below 0:
+the few steps lost more). Where the final model lost less than ``min_drop`` (default 0.02, two
+points, of the order of one example's verdict on a small set) it is not defined: a share of a
+difference that small is noise (0.01 lost and 0.04 "recovered" downward would read -400%). A
+share of 0.5 or more is reported as mostly spurious. The few-step runs live under ``RUN_DIR/diagnose/`` and the
 result in ``RUN_DIR/diagnose.json``.
 
 Written by hand: no training library measures spurious forgetting.
@@ -39,26 +41,35 @@ SPURIOUS = 0.5  # a recovered share from which the forgetting is called mostly s
 
 
 def recovered_share(start: float, final: float, recovered: float, higher_is_better: bool, min_drop: float) -> Optional[float]:
-    """The share of what was lost that the few steps gave back (None when nothing was lost)."""
+    """The share of what was lost that the few steps gave back (None when less than ``min_drop`` was
+    lost: absolute for higher-is-better scores, relative to ``start`` for loss and perplexity)."""
     lost = (start - final) if higher_is_better else (final - start)
-    if lost < min_drop:
+    if (lost if higher_is_better else lost / max(abs(start), 1e-12)) < min_drop:
         return None
     back = (recovered - final) if higher_is_better else (final - recovered)
     return back / lost
 
 
+MIN_DROP = 0.02  # below this loss of score (absolute; relative for loss/perplexity) no share is computed
+
+
 def verdict(share: Optional[float]) -> str:
     if share is None:
         return "nothing lost"
-    return "mostly spurious (recovered by a few examples)" if share >= SPURIOUS else "knowledge lost"
+    if share >= SPURIOUS:
+        return "mostly spurious (recovered by a few examples)"
+    # a slightly negative share is one example's noise; from -25% the few steps did harm
+    return "knowledge lost (the few steps lost more)" if share <= -0.25 else "knowledge lost"
 
 
 def diagnose(run_dir: str, *, k: int = 10, steps: int = 10, lr: Optional[float] = None, sets: Optional[list[str]] = None,
-             seed: int = 0, max_examples: Optional[int] = None, min_drop: float = 0.01, progress: bool = False) -> dict:
+             seed: int = 0, max_examples: Optional[int] = None, min_drop: float = MIN_DROP, progress: bool = False) -> dict:
     """Measure, per keep set of the finished run in ``run_dir``, the share of its forgetting that
     ``k`` examples and ``steps`` steps recover; writes and returns ``diagnose.json``'s content."""
     import forgetless
 
+    if not min_drop >= 0:
+        raise UserError(f"--min-drop {min_drop}: give a loss of score >= 0 (default {MIN_DROP})")
     root = Path(run_dir)
     if not (root / SUMMARY_FILE).is_file() or not (root / CONFIG_FILE).is_file():
         raise UserError(f"{run_dir}: not a finished run directory (no {SUMMARY_FILE}); give the directory of a finished forgetless train run")
@@ -119,7 +130,7 @@ def diagnose(run_dir: str, *, k: int = 10, steps: int = 10, lr: Optional[float] 
             results[name] = {"metric": run.data[name]["metric"], "higher_is_better": run.data[name]["higher_is_better"],
                              "scored_examples": start["examples"], "start": start["score"], "final": final["score"],
                              "recovered": recovered["score"], "recovered_share": share, "verdict": verdict(share)}
-    report = {"run": str(root), "k": k, "steps": steps, "lr": lr if lr is not None else cfg.train.lr, "seed": seed,
+    report = {"run": str(root), "k": k, "steps": steps, "lr": lr if lr is not None else cfg.train.lr, "seed": seed, "min_drop": min_drop,
               "formula": "(after recovery - final) / (start - final), on the keep set's examples not trained on",
               "sets": results}
     (root / DIAGNOSE_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -160,4 +171,4 @@ def _base_model(cfg, tmp: Path) -> str:
     return str(tmp / "base")
 
 
-__all__ = ["DIAGNOSE_FILE", "diagnose", "recovered_share", "verdict"]
+__all__ = ["DIAGNOSE_FILE", "MIN_DROP", "diagnose", "recovered_share", "verdict"]

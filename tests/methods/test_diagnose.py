@@ -5,7 +5,7 @@ import json
 import pytest
 
 from forgetless.cli import main
-from forgetless.recipes.diagnose import recovered_share, verdict
+from forgetless.recipes.diagnose import MIN_DROP, recovered_share, verdict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -16,6 +16,22 @@ def test_recovered_share_by_hand():
     assert recovered_share(0.8, 0.795, 0.9, True, 0.01) is None  # nothing lost
     assert recovered_share(0.8, 0.2, 0.1, True, 0.01) == pytest.approx(-1 / 6)  # the few steps made it worse
     assert verdict(None) == "nothing lost" and verdict(0.6).startswith("mostly spurious") and verdict(0.2) == "knowledge lost"
+    assert verdict(-0.1) == "knowledge lost" and verdict(-0.5) == "knowledge lost (the few steps lost more)"
+
+
+def test_a_drop_within_the_noise_has_no_share():
+    """The real-model diagnose of 2026-12-04: general token accuracy 0.390 -> 0.380, then 0.340 after
+    the few steps. A share of that 1-point loss read -400%; below MIN_DROP (2 points) there is none."""
+    assert MIN_DROP == 0.02
+    assert recovered_share(0.3902, 0.3802, 0.3400, True, 0.01) == pytest.approx(-4.0, rel=1e-2)
+    assert recovered_share(0.3902, 0.3802, 0.3400, True, MIN_DROP) is None
+    assert recovered_share(20.0, 20.3, 20.0, False, MIN_DROP) is None  # a perplexity 1.5% higher: relative, below 2%
+    assert recovered_share(20.0, 22.0, 21.0, False, MIN_DROP) == pytest.approx(0.5)
+
+
+def test_diagnose_refuses_a_negative_min_drop(tmp_path, capsys):
+    assert main(["diagnose", str(tmp_path), "--min-drop", "-1"]) == 2
+    assert "--min-drop -1" in capsys.readouterr().err
 
 
 @pytest.mark.slow
