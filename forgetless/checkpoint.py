@@ -227,7 +227,7 @@ def method_files(methods: list, keep: bool = True) -> tuple[dict[str, torch.Tens
     for m in methods:
         plain[m.name] = {}
         for key, value in m.state_dict().items():
-            if torch.is_tensor(value):
+            if torch.is_tensor(value) or isinstance(value, zero.Partition):
                 whole = gathered(value, keep)
                 if keep:
                     tensors[f"{m.name}/{key}"] = whole

@@ -63,12 +63,34 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def gathered(t: torch.Tensor, keep: bool) -> Optional[torch.Tensor]:
-    """A DTensor gathered whole and moved to the CPU where ``keep`` (the main process; None
-    elsewhere, so that no process holds many whole tensors at once); any other tensor as it is."""
+    """A DTensor (or a ZeRO-3 :class:`forgetless.zero.Partition`) gathered whole and moved to the
+    CPU where ``keep`` (the main process; None elsewhere, so that no process holds many whole
+    tensors at once); any other tensor as it is."""
+    from forgetless.zero import Partition
+
+    if isinstance(t, Partition):
+        return t.whole(keep)
     if not is_dtensor(t):
         return t if keep else None
     whole = t.full_tensor()
     return whole.detach().cpu() if keep else None
+
+
+def held_bytes(*groups) -> int:
+    """The bytes this process holds of the tensors in ``groups`` (lists of tensors, DTensors or
+    ZeRO-3 :class:`forgetless.zero.Partition`): a DTensor's shard, a partition's slice, each
+    storage counted once. What a method's per-parameter state costs each process."""
+    from forgetless.zero import Partition
+
+    seen, total = set(), 0
+    for group in groups:
+        for t in group or ():
+            t = t.data if isinstance(t, Partition) else local(t)
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+    return total
 
 
 def shard_like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

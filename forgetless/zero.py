@@ -18,7 +18,9 @@ checkpoint format (pickled). Under ZeRO:
   written back after ``prepare`` on resume (:func:`optimizer_files`, :func:`restore_optimizer`);
   under ZeRO-3 parameters are gathered one at a time to save them (:func:`gathered_model`);
 - **penalties on ZeRO-3 partitions** (L2-SP, EWC): computed on each process's partition, their
-  gradient added to the partition's gradient before the engine's step (:func:`partitioned_squares`).
+  gradient added to the partition's gradient before the engine's step (:func:`partitioned_squares`);
+  the anchors and Fisher are kept as partitions only (:class:`Partition`), gathered whole one at a
+  time for a checkpoint.
 
 accelerate forms DeepSpeed only on accelerators (on a CPU it gives DDP, or N single-process runs).
 :func:`enable_on_cpu` switches the same accelerate code path on for a CPU process group (gloo),
@@ -36,7 +38,8 @@ import torch
 from forgetless.errors import UserError
 
 __all__ = ["is_deepspeed", "stage", "enable_on_cpu", "config_problem", "read_config", "configure", "engine", "backward", "step", "optimizer_files",
-           "restore_optimizer", "gathered_model", "model_tensors", "is_partitioned", "local_partition", "partitioned_squares"]
+           "restore_optimizer", "gathered_model", "model_tensors", "is_partitioned", "local_partition", "Partition", "partition_all",
+           "partitioned_squares"]
 
 
 def is_deepspeed(accelerator) -> bool:
@@ -350,6 +353,36 @@ def local_partition(t: torch.Tensor, p) -> torch.Tensor:
     if piece.numel() < part:
         piece = torch.cat([piece, piece.new_zeros(part - piece.numel())])
     return piece.to(p.ds_tensor.device, copy=True)
+
+
+class Partition:
+    """This process's ZeRO-3 partition of a per-parameter tensor a method keeps (an anchor, a
+    Fisher): the flat slice :func:`local_partition` cuts, with the parameter it is cut like. A
+    method keeps these instead of the whole tensors, so that its memory scales down with the
+    processes, as under FSDP2; :meth:`whole` puts the tensor together again for a checkpoint or a
+    saved state (collective: every process calls it, one tensor at a time)."""
+
+    __slots__ = ("data", "param")
+
+    def __init__(self, data: torch.Tensor, param) -> None:
+        self.data, self.param = data, param
+
+    def whole(self, keep: bool) -> Optional[torch.Tensor]:
+        """The whole tensor, shaped like the parameter, on the CPU where ``keep`` (None elsewhere)."""
+        import torch.distributed as dist
+
+        group = self.param.ds_process_group
+        data = self.data.to(self.param.ds_tensor.device).contiguous()  # NCCL gathers on the device
+        parts = [torch.empty_like(data) for _ in range(dist.get_world_size(group=group))]
+        dist.all_gather(parts, data, group=group)
+        if not keep:
+            return None
+        return torch.cat(parts)[: self.param.ds_numel].reshape(self.param.ds_shape).cpu()
+
+
+def partition_all(tensors: list, params: list, device: Optional[str] = None) -> list:
+    """:class:`Partition` of each whole tensor like its parameter (on ``device``, default the parameter's)."""
+    return [Partition(local_partition(t, p) if device is None else local_partition(t, p).to(device), p) for t, p in zip(tensors, params)]
 
 
 class _PartitionedSquares(torch.autograd.Function):

@@ -34,7 +34,7 @@ from forgetless.methods.base import Context, Method
 from forgetless.registry import register, REGULARIZE, STARTS_AT_BASE, STRENGTH
 from forgetless.methods.fisher import FISHER_KINDS, diagonal_fisher, trainable
 from forgetless import zero
-from forgetless.sharding import gathered, is_dtensor, local, shard_like
+from forgetless.sharding import gathered, held_bytes, is_dtensor, local, shard_like
 
 STATE_FILE = "ewc_state.safetensors"
 STATE_FORMAT = "forgetless.ewc/1"
@@ -224,9 +224,12 @@ class EWC(Method):
         if self.params and is_dtensor(self.params[0]):  # FSDP2: the raw Fisher as shards too, nothing whole left per process
             self._stats = self._fisher_stats()  # of the whole Fisher, before it is split (a shard's max is not the max)
             self.fisher = fisher
-        if self.params and zero.is_partitioned(self.params[0]):  # ZeRO-3: partitions on the device, the whole on the CPU (checkpoints)
-            self._partitions = (partitions(self.params, self.anchors), partitions(self.params, self.weights))
-            self.anchors, self.weights = [a.cpu() for a in self.anchors], []
+        if self.params and zero.is_partitioned(self.params[0]):  # ZeRO-3: partitions only (gathered for checkpoints and the saved state)
+            self._stats = self._fisher_stats()  # of the whole Fisher, before it is cut
+            self.anchors = zero.partition_all(self.anchors, self.params)
+            self.fisher = zero.partition_all(self.fisher, self.params, device="cpu")  # the raw Fisher stays off the device
+            self._partitions = ([a.data for a in self.anchors], partitions(self.params, self.weights))
+            self.weights = []
 
     def step_terms(self, model) -> dict[str, torch.Tensor]:
         if self._partitions is not None:
@@ -272,7 +275,9 @@ class EWC(Method):
         return {"fisher_sum": float(sum(f.sum() for f in self.fisher)), "fisher_max": self.fisher_max()} if self.fisher else {}
 
     def describe(self) -> dict:
-        out = {"fisher": self.cfg.fisher, "samples": self.samples, "weight": self.cfg.weight, "normalize": self.cfg.normalize}
+        out = {"fisher": self.cfg.fisher, "samples": self.samples, "weight": self.cfg.weight, "normalize": self.cfg.normalize,
+               # anchors, raw Fisher and weights as this process holds them (sharded: its shards)
+               "held_bytes": held_bytes(self.anchors, self.fisher, self.weights, *(self._partitions or ()))}
         out.update(self._stats or self._fisher_stats())
         if self.cfg.previous_state is not None:
             out["online"] = {"gamma": self.cfg.gamma, "previous_state": str(state_path(self.cfg.previous_state))}

@@ -22,6 +22,7 @@ from forgetless.registry import register, REGULARIZE, STARTS_AT_BASE, STRENGTH
 from forgetless import zero
 from forgetless.methods.ewc import anchor_copy, anchored_squares, bind_anchored, partitions
 from forgetless.methods.fisher import trainable
+from forgetless.sharding import held_bytes
 
 
 @dataclass
@@ -48,6 +49,7 @@ class L2SP(Method):
         self.params: list[torch.nn.Parameter] = []
         self.anchors: list[torch.Tensor] = []
         self._partitions: list[torch.Tensor] | None = None  # ZeRO-3: the anchors' partitions the penalty uses (bind)
+        self._count = 0  # the anchored parameters' numbers of elements (whole)
 
     def before_train(self, model, ctx: Context) -> None:
         params = trainable(model)
@@ -56,10 +58,11 @@ class L2SP(Method):
         self.anchors = [anchor_copy(p, self.cfg.anchor_dtype) for p in self.params]
 
     def bind(self, model, ctx: Context) -> None:
+        self._count = sum(a.numel() for a in self.anchors)
         self.params, self.anchors = bind_anchored(model, self.names, self.anchors)
-        if self.params and zero.is_partitioned(self.params[0]):  # ZeRO-3: partitions on the device, the whole on the CPU (checkpoints)
-            self._partitions = partitions(self.params, self.anchors)
-            self.anchors = [a.cpu() for a in self.anchors]
+        if self.params and zero.is_partitioned(self.params[0]):  # ZeRO-3: partitions only, on the device (gathered for checkpoints)
+            self.anchors = zero.partition_all(self.anchors, self.params)
+            self._partitions = [a.data for a in self.anchors]
 
     def step_terms(self, model) -> dict[str, torch.Tensor]:
         if self._partitions is not None:
@@ -75,7 +78,8 @@ class L2SP(Method):
         self.anchors = [state[f"anchor.{n}"] for n in self.names]
 
     def describe(self) -> dict:
-        return {"weight": self.cfg.weight, "anchored_params": sum(a.numel() for a in self.anchors)}
+        return {"weight": self.cfg.weight, "anchored_params": self._count or sum(a.numel() for a in self.anchors),
+                "held_bytes": held_bytes(self.anchors)}  # the anchors as this process holds them (sharded: its shards)
 
 
 register("l2sp", L2SPConfig, L2SP, "L2-SP: a squared-distance penalty pulling the weights toward their starting values.",

@@ -148,6 +148,15 @@ def _two_match_one(tmp_path, name: str, extra, backend: str, two: str = "two", s
     for name_, scores in alone["after"].items():  # scored whole on every process, the same as alone
         for metric, v in scores.items():
             assert summary["after"][name_][metric] == pytest.approx(v, rel=1e-3, abs=1e-4), (name_, metric)
+    held_state = [m for m, info in alone["train"]["methods"].items() if "held_bytes" in info]
+    assert held_state or not {"l2sp", "ewc"} & set(alone["train"]["methods"])
+    for method in held_state:  # per-parameter state (anchors, Fisher): sharded like the parameters
+        info = alone["train"]["methods"][method]
+        held = summary["train"]["methods"][method]["held_bytes"]
+        if backend in ("fsdp2", "zero3"):
+            assert 0 < held <= 0.6 * info["held_bytes"], (method, held, info["held_bytes"])  # about half on each of two
+        else:
+            assert held == info["held_bytes"], method  # replicated
     w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / two)
     assert w1.keys() == w2.keys() and w1
     for k in w1:
@@ -199,6 +208,10 @@ def test_killed_and_resumed_sharded_run_is_bit_identical(tmp_path, backend, case
     ca = load_file(str(tmp_path / "whole" / "checkpoints" / "step-000004" / "optimizer.safetensors"))
     cb = load_file(str(tmp_path / "cut" / "checkpoints" / "step-000004" / "optimizer.safetensors"))
     assert ca.keys() == cb.keys() and ca and all(torch.equal(ca[k], cb[k]) for k in ca)
+    sa, sb = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("whole", "cut"))
+    if backend in ("fsdp2", "zero3") and "ewc" in sa["train"]["methods"]:  # the resumed run holds shards too, not the whole state
+        whole = 12 * sa["train"]["trainable_params"]  # float32 anchor, Fisher and weight per trainable parameter (bf16 ones: 8)
+        assert 0 < sb["train"]["methods"]["ewc"]["held_bytes"] == sa["train"]["methods"]["ewc"]["held_bytes"] <= 0.6 * whole
     _two_match_one(tmp_path, name, extra, backend, two="whole", steps=4)  # and the uninterrupted run is one process's
 
 

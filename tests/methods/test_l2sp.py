@@ -55,6 +55,7 @@ def test_bfloat16_anchors_take_half_the_memory_and_give_the_formula_on_the_round
     l2sp.before_train(model, None)
     assert all(a.dtype == torch.bfloat16 for a in l2sp.anchors)
     assert sum(a.nbytes for a in l2sp.anchors) * 2 == sum(p.nbytes for p in model.parameters())
+    assert l2sp.describe()["held_bytes"] * 2 == sum(p.nbytes for p in model.parameters())  # what the summary reports
     rounded = {n: p.detach().to(torch.bfloat16).float() for n, p in model.named_parameters()}
     perturb(model)
     value = l2sp.step_terms(model)["l2sp"]
