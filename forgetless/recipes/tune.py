@@ -20,8 +20,8 @@ budget prunes it. The sampler is Optuna's multi-objective TPE; its first trials 
 for what the user has (LoRA; full fine-tuning with a KL anchor; general data mixed in; replay of
 old data; EWC on old data). With a budget, each advised start of a controlled strategy is followed
 by up to FOLLOW_UPS trials warm-started from the controller of the one before: its strength times
-the factor that controller held on average over the run (:func:`follow_up`), until the controller
-settles. Then the sampler explores. The study is an Optuna journal file
+the factor that controller held on average over the run, or its last factor when the run ended
+over the budget (:func:`warm_scale`, :func:`follow_up`), until the controller settles. Then the sampler explores. The study is an Optuna journal file
 (``OUTPUT/tune.journal``): ``--resume`` keeps every finished trial and continues an interrupted
 one from its checkpoint.
 
@@ -174,7 +174,9 @@ def trial_config(cfg: RunConfig, params: dict, run_dir: Path) -> RunConfig:
 
 
 # The searched strength of each strategy that has one: its parameter and range (log-scaled for weights).
-STRENGTHS = {"kl": ("kl.weight", 0.03, 10.0, True), "l2sp": ("l2sp.weight", 1e-4, 1.0, True), "ewc": ("ewc.weight", 0.01, 100.0, True),
+# (option, low, high, log scale): the search range of each strategy's strength. L2-SP's reaches
+# 100: a pretrained 135M model needed about 10 to keep its facts (BENCHMARKS.md), a tiny one 1
+STRENGTHS = {"kl": ("kl.weight", 0.03, 10.0, True), "l2sp": ("l2sp.weight", 1e-4, 100.0, True), "ewc": ("ewc.weight", 0.01, 100.0, True),
              "mix": ("mix.ratio", 0.05, 0.5, False), "replay": ("replay.ratio", 0.05, 0.5, False)}
 FOLLOW_UPS = 2  # warm-started trials after each advised start of a controlled strategy (see follow_up)
 SETTLED = 1.25  # a controller whose mean factor stays within [1/SETTLED, SETTLED] gets no follow-up
@@ -207,15 +209,25 @@ def effective_scale(checks: list[tuple[int, float]], steps: int) -> float:
     return math.exp(total / steps)
 
 
+def warm_scale(checks: list[tuple[int, float]], steps: int, over_budget: bool) -> float:
+    """The factor a follow-up multiplies the last trial's strength by. Inside the budget: the one
+    the controller held on average (:func:`effective_scale`), the fixed strength its run was worth.
+    Over it at the end: the controller's last factor, since it was still raising and the steps
+    before it ran weaker, so the whole run needed at least that (1 without checks)."""
+    if over_budget:
+        return checks[-1][1] if checks else 1.0
+    return effective_scale(checks, steps)
+
+
 def follow_up(params: dict, scale: float) -> Optional[dict]:
     """The next trial of a controlled strategy, warm-started from the last one's controller: its
-    strength times the factor the controller held on average (``scale``, :func:`effective_scale`),
-    within the search range; None when the controller had settled or the range allows no move.
+    strength times ``scale`` (:func:`warm_scale`), within the search range; None when the
+    controller had settled or the range allows no move.
 
     The controller of one run starts at the sampled strength and moves it only every
     ``budget.every_steps``; a run that starts too weak forgets before the controller catches up,
     one that starts too strong learns less while it relaxes. Starting the next trial where the last
-    one's controller spent its run is a warm start of the dual variable across runs."""
+    one's controller took its run is a warm start of the dual variable across runs."""
     strategy = params["strategy"]
     if strategy not in STRENGTHS or 1.0 / SETTLED <= scale <= SETTLED:
         return None
@@ -292,7 +304,8 @@ def _enqueue_follow_ups(study, out: Path) -> None:
         summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
         checks = [(r["step"], r["budget"]["strength"]) for r in _metrics(run_dir)
                   if "budget" in r and "strength" in r["budget"] and r["budget"].get("action") != "end"]
-        params = follow_up(dict(t.params), effective_scale(checks, int(summary.get("train", {}).get("steps") or 0)))
+        over = t.user_attrs.get("budget_excess", -1.0) > 0
+        params = follow_up(dict(t.params), warm_scale(checks, int(summary.get("train", {}).get("steps") or 0), over))
         if params is not None:
             study.enqueue_trial(params, user_attrs={"depth": depth + 1, "follows": t.number})
 
@@ -390,4 +403,4 @@ def _write_result(study, cfg: RunConfig, out: Path, limits: dict) -> dict:
 
 
 __all__ = ["tune", "objectives", "budget_excess", "pareto_front", "choose", "strategies_for", "advised_starts", "trial_config",
-           "effective_scale", "follow_up", "TUNE_STRATEGIES"]
+           "effective_scale", "warm_scale", "follow_up", "TUNE_STRATEGIES"]

@@ -12,7 +12,7 @@ import pytest
 
 import forgetless
 from forgetless.cli import main
-from forgetless.recipes.tune import (advised_starts, budget_excess, choose, effective_scale, follow_up, objectives, pareto_front,
+from forgetless.recipes.tune import (advised_starts, budget_excess, choose, effective_scale, follow_up, objectives, pareto_front, warm_scale,
                                      strategies_for, trial_config)
 from tests.conftest import FAST_MODEL
 
@@ -66,10 +66,21 @@ def test_a_follow_up_starts_where_the_controller_spent_its_run():
     params = {"strategy": "l2sp", "l2sp.weight": 0.01, "lr_factor": 1.5}
     assert follow_up(params, 8.0) == {"strategy": "l2sp", "l2sp.weight": pytest.approx(0.08), "lr_factor": 1.5}
     assert follow_up(params, 1.1) is None  # the controller had settled near the start
-    assert follow_up({**params, "l2sp.weight": 0.5}, 8.0)["l2sp.weight"] == 1.0  # within the search range
-    assert follow_up({**params, "l2sp.weight": 1.0}, 8.0) is None  # at its end already: nothing to try
+    assert follow_up({**params, "l2sp.weight": 20.0}, 8.0)["l2sp.weight"] == 100.0  # within the search range
+    assert follow_up({**params, "l2sp.weight": 100.0}, 8.0) is None  # at its end already: nothing to try
     assert follow_up({"strategy": "replay", "replay.ratio": 0.2, "lr_factor": 1.0}, 0.5)["replay.ratio"] == pytest.approx(0.1)
     assert follow_up({"strategy": "lora", "lora.r": 8, "lr_factor": 1.0}, 8.0) is None  # no strength to warm-start
+
+
+def test_a_run_over_budget_is_followed_from_its_last_factor():
+    """Over the budget at the end, the controller was still raising: the follow-up takes its last
+    factor (the real-model L2-SP run from 1 ended at x7.6, over; fixed 10 was inside). Inside, the
+    time-weighted mean."""
+    checks = [(3, 1.8), (6, 3.3), (9, 7.6)]
+    assert warm_scale(checks, 12, over_budget=True) == 7.6
+    assert warm_scale(checks, 12, over_budget=False) == pytest.approx(effective_scale(checks, 12))
+    assert effective_scale(checks, 12) < 7.6
+    assert warm_scale([], 12, over_budget=True) == 1.0
 
 
 def test_follow_ups_are_enqueued_from_the_trials_files_once(tmp_path):
@@ -80,8 +91,8 @@ def test_follow_ups_are_enqueued_from_the_trials_files_once(tmp_path):
 
     study = optuna.create_study(directions=["maximize", "maximize"])
 
-    def finish(params, checks, attrs):
-        study.enqueue_trial(params, user_attrs=attrs)
+    def finish(params, checks, attrs, excess=-0.01):
+        study.enqueue_trial(params, user_attrs={**attrs, "budget_excess": excess})
         trial = study.ask()
         assert suggest(trial, ["l2sp", "kl"], 3.0) == params  # tune's suggest() takes the enqueued values
         run_dir = _trial_dir(tmp_path, trial.number, params["strategy"])
@@ -96,11 +107,14 @@ def test_follow_ups_are_enqueued_from_the_trials_files_once(tmp_path):
     first = finish({"strategy": "l2sp", "l2sp.weight": 0.01, "lr_factor": 1.0}, [(12, 16.0)], {"depth": 0})
     finish({"strategy": "kl", "kl.weight": 1.0, "lr_factor": 1.0}, [(12, 1.1)], {"depth": 0})  # settled
     finish({"strategy": "l2sp", "l2sp.weight": 0.3, "lr_factor": 1.0}, [(12, 16.0)], {})  # the sampler's: not followed
+    over = finish({"strategy": "l2sp", "l2sp.weight": 0.02, "lr_factor": 1.0}, [(12, 16.0)], {"depth": 0}, excess=0.1)
     _enqueue_follow_ups(study, tmp_path)
     _enqueue_follow_ups(study, tmp_path)  # again (a resumed search): nothing more
-    waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
-    assert len(waiting) == 1 and waiting[0].user_attrs == {"depth": 1, "follows": first}
-    assert waiting[0].system_attrs["fixed_params"]["l2sp.weight"] == pytest.approx(0.04)
+    waiting = {t.user_attrs["follows"]: t for t in study.trials if t.state == optuna.trial.TrialState.WAITING}
+    assert set(waiting) == {first, over}
+    assert waiting[first].user_attrs == {"depth": 1, "follows": first}
+    assert waiting[first].system_attrs["fixed_params"]["l2sp.weight"] == pytest.approx(0.04)  # inside: x4 on average
+    assert waiting[over].system_attrs["fixed_params"]["l2sp.weight"] == pytest.approx(0.32)  # over: its last factor, x16
 
 
 @pytest.mark.parametrize("overrides, message", [
