@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--max-drop", type=float, default=0.5)
     ap.add_argument("--every", type=int, default=5, help="budget.every_steps of the budgeted run")
     ap.add_argument("--lever", choices=sorted(LEVERS), default="replay", help="the protection whose strength the grid fixes and the controller moves")
-    ap.add_argument("--start", type=float, help="the budgeted run's starting strength (default: the lever's middle)")
+    ap.add_argument("--start", type=float, help="the budgeted run's starting strength (default: replay 0.25, l2sp 1)")
     ap.add_argument("--keep-sample", type=int, default=16, help="the budgeted run's budget.keep_sample (0: the whole set)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", type=Path)
