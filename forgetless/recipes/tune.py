@@ -21,8 +21,8 @@ for what the user has (LoRA; full fine-tuning with a KL anchor; general data mix
 old data; EWC on old data). With a budget, each advised start of a controlled strategy is followed
 by up to FOLLOW_UPS trials warm-started from the controller of the one before: its strength times
 the factor that controller held on average over the run, or its last factor when the run ended
-over the budget (:func:`warm_scale`, :func:`follow_up`), until the controller settles. Then the sampler explores. The study is an Optuna journal file
-(``OUTPUT/tune.journal``): ``--resume`` keeps every finished trial and continues an interrupted
+over the budget (:func:`warm_scale`, :func:`follow_up`), until the controller settles. Then the
+sampler explores. The study is an Optuna journal file (``OUTPUT/tune.journal``): ``--resume`` keeps every finished trial and continues an interrupted
 one from its checkpoint.
 
 The result: ``OUTPUT/tune.json`` (every trial, the Pareto front, the chosen one) and
