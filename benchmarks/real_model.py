@@ -76,6 +76,17 @@ def run_config(probes: Probes, name: str, methods: dict, train: dict, split: str
     return real.run_config(probes, methods, train, split=split, before=before, run_dir=probes.root / split / slug)
 
 
+def probes_for(args) -> Probes:
+    """The base model and probes of ``args.model`` (default: ``forgetless fetch smollm2``'s file)
+    under ``args.out``, made absolute in place (the run configs name every file absolutely)."""
+    if args.model is None:
+        from forgetless.models.fetch import fetch
+
+        args.model = str(fetch("smollm2"))
+    args.out = args.out.resolve()
+    return prepare(args.out, args.model)
+
+
 def run_row(out: Path, name: str, config: dict, threads: int) -> dict:
     path = out / "configs" / (Path(config["output"]["dir"]).parent.name + "-" + Path(config["output"]["dir"]).name + ".yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,13 +189,8 @@ def main() -> None:
     if args.child:
         child(args.child)
         return
-    if args.model is None:
-        from forgetless.models.fetch import fetch
-
-        args.model = str(fetch("smollm2"))
-    args.out = args.out.resolve()  # the run configs name every file absolutely
     t0 = time.perf_counter()
-    probes = prepare(args.out, args.model)
+    probes = probes_for(args)
     manifest = probes.manifest
     print(f"probes: {json.dumps(manifest)}", flush=True)
     if args.sweep:

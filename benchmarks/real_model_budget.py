@@ -26,11 +26,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import real_model  # noqa: E402  (the benchmark next to this file: its run_row)
+import real_model  # noqa: E402  (the benchmark next to this file: its probes_for, run_row)
 from budget import spearman  # noqa: E402  (benchmarks/budget.py)
 
 import forgetless.demo.real as real  # noqa: E402
-from forgetless.demo.real import prepare  # noqa: E402
 
 REPLAY = {"prompts": "@replay_prompts", "num_samples": 48, "temperature": 0.0, "max_new_tokens": 48}
 LEVERS = {  # the grid of fixed strengths, the budgeted run's start, and the method at a strength
@@ -68,13 +67,8 @@ def main() -> None:
     ap.add_argument("--grid-json", type=Path, help="with --budgeted-only: an earlier --json whose fixed rows to compare with")
     ap.add_argument("--reuse-json", type=Path, help="an earlier --json: its rows of the same name (same config) are taken, not rerun")
     args = ap.parse_args()
-    if args.model is None:
-        from forgetless.models.fetch import fetch
-
-        args.model = str(fetch("smollm2"))
-    args.out = args.out.resolve()
     t0 = time.perf_counter()
-    probes = prepare(args.out, args.model)
+    probes = real_model.probes_for(args)
     grid, start, method = LEVERS[args.lever]
     start = args.start if args.start is not None else start
     fixed = {"every_steps": 5, "keep_sample": 16, "control": False, "patience": 0, "restore": False}

@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import real_model  # noqa: E402  (the benchmark next to this file: its run_row)
+import real_model  # noqa: E402  (the benchmark next to this file: its probes_for, run_row)
 
 import forgetless.demo.real as real  # noqa: E402
-from forgetless.demo.real import prepare  # noqa: E402
 
 
 def main() -> None:
@@ -35,13 +34,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    if args.model is None:
-        from forgetless.models.fetch import fetch
-
-        args.model = str(fetch("smollm2"))
-    args.out = args.out.resolve()
     t0 = time.perf_counter()
-    probes = prepare(args.out, args.model)
+    probes = real_model.probes_for(args)
     cfg = real.run_config(probes, {}, {}, split="test", before=True, run_dir=args.out / "full-fine-tuning", harness=False)
     cfg["output"]["save_model"] = True
     row = real_model.run_row(args.out, "full fine-tuning", cfg, args.threads)

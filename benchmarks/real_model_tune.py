@@ -24,9 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import real_model  # noqa: E402  (the benchmark next to this file: its probes_for)
 from real_model_budget import config  # noqa: E402  (benchmarks/real_model_budget.py)
-
-from forgetless.demo.real import prepare  # noqa: E402
 
 
 def main() -> None:
@@ -41,13 +40,8 @@ def main() -> None:
     ap.add_argument("--grid-json", type=Path, required=True, help="real_model_budget.py --lever l2sp's --json: the grid to compare with")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    if args.model is None:
-        from forgetless.models.fetch import fetch
-
-        args.model = str(fetch("smollm2"))
-    args.out = args.out.resolve()
     t0 = time.perf_counter()
-    probes = prepare(args.out, args.model)
+    probes = real_model.probes_for(args)
     budget = {"every_steps": args.every, "keep_sample": args.keep_sample or None}
     cfg = config(probes, "tune", {}, budget, args.max_drop, args.out)
     cfg["tune"] = {"trials": args.trials, "strategies": ["l2sp"]}
