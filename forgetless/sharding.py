@@ -28,6 +28,9 @@ from typing import Optional
 
 import torch
 
+from forgetless.zero import Partition
+
+
 def enable_on_cpu(accelerator) -> None:
     """Give a CPU process group accelerate's FSDP2 path (its ``prepare``, ``no_sync``, clipping),
     configured from the environment like a GPU launch. A no-op where accelerate did it itself."""
@@ -66,8 +69,6 @@ def gathered(t: torch.Tensor, keep: bool) -> Optional[torch.Tensor]:
     """A DTensor (or a ZeRO-3 :class:`forgetless.zero.Partition`) gathered whole and moved to the
     CPU where ``keep`` (the main process; None elsewhere, so that no process holds many whole
     tensors at once); any other tensor as it is."""
-    from forgetless.zero import Partition
-
     if isinstance(t, Partition):
         return t.whole(keep)
     if not is_dtensor(t):
@@ -80,8 +81,6 @@ def held_bytes(*groups) -> int:
     """The bytes this process holds of the tensors in ``groups`` (lists of tensors, DTensors or
     ZeRO-3 :class:`forgetless.zero.Partition`): a DTensor's shard, a partition's slice, each
     storage counted once. What a method's per-parameter state costs each process."""
-    from forgetless.zero import Partition
-
     seen, total = set(), 0
     for group in groups:
         for t in group or ():
